@@ -1,0 +1,267 @@
+"""Gating networks G(x) of the Sparsely-Gated MoE layer (PAPER.md §1.1, §1.2, §1.4).
+
+A gate looks at a batch of rows x_TD and decides which experts each row visits and with what
+weight. It returns a sparse list of (row, expert, gate value) *assignments* plus the balance
+statistics of that decision; it never touches the experts. Dispatch (``dispatch.py``) groups
+the assignments by expert, and the layer (``moe_layer.py``) adds up the gate-weighted outputs.
+
+Gating modes (``build_gate``):
+    ``noisy_top_k``  §2.1: H(x) = x·W_g + N(0,1)·softplus(x·W_noise); G = softmax(KeepTopK(H, k)).
+    ``top_k``        the same without noise (train and eval alike).
+    ``softmax``      G_σ(x) = softmax(x·W_g) over all experts: the dense, non-sparse baseline.
+    ``batchwise``    App. F strictly balanced gating: in training every expert takes exactly the
+                     m rows of the batch with its highest G_σ; in eval a learned per-expert
+                     threshold T decides instead.
+
+Choices the paper leaves open (documented in the README too):
+    * Noise std is ``softplus(x·W_noise) + noise_epsilon`` as in the authors' reference code.
+    * Batchwise m = round(k·|X| / n), at least 1 and at most |X| (|X| = non-padding rows), so
+      the batch makes about k·|X| assignments and every expert trains on every batch.
+    * L_batchwise is averaged over rows (so its scale does not grow with the batch), has
+      weight 1, and its gradient reaches only the thresholds T (G_σ is detached in it): its
+      purpose is to teach T the training masks, not to move the gate.
+    * A row that passes no threshold in eval gets no expert: its MoE output is 0 and the
+      residual connection of the surrounding model carries it. The layer counts such rows
+      in ``MoEStats.unrouted`` so it is never silent.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .balance import smooth_load
+
+GATING_MODES = ("noisy_top_k", "top_k", "softmax", "batchwise")
+
+
+@dataclass
+class GateOutput:
+    """What a gate decided for a batch of T rows and E experts.
+
+    Assignments are flat vectors of length A (A = T·k for top-k gates). A row that is padding
+    has its assignments pointed at the sentinel expert E, with gate 0: dispatch drops them.
+    """
+
+    row_A: torch.Tensor  # long [A]: input row of each assignment
+    expert_A: torch.Tensor  # long [A]: expert of each assignment (E = dropped)
+    gate_A: torch.Tensor  # float [A]: G(x)_i, differentiable
+    importance_E: torch.Tensor  # float [E]: Σ_x G(x)_i over real rows, differentiable (eq. 6)
+    load_E: torch.Tensor  # float [E]: smooth Load (eq. 10) or hard counts
+    counts_E: torch.Tensor  # long [E]: rows actually sent to each expert
+    aux_loss: torch.Tensor  # scalar: L_batchwise (App. F) or 0
+    num_rows: int  # real (non-padding) rows: |X|
+
+
+def _num_real_rows(valid_T: Optional[torch.Tensor], num_rows: int) -> int:
+    return num_rows if valid_T is None else int(valid_T.sum())
+
+
+def _per_expert_sum(expert_A: torch.Tensor, values_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Σ of values per expert; the sentinel expert (padding) lands in a dropped extra slot."""
+    totals = values_A.new_zeros(num_experts + 1).index_add(0, expert_A, values_A)
+    return totals[:num_experts]
+
+
+def _counts(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(expert_A, minlength=num_experts + 1)[:num_experts]
+
+
+class NoisyTopKGate(nn.Module):
+    """Noisy top-k gating (§2.1, eq. 3-5), and plain top-k when ``noisy`` is False.
+
+    W_g and W_noise start at zero (App. A), so at initialisation every expert is equally
+    likely and the noise alone decides. Noise is drawn only when ``self.training``.
+    """
+
+    def __init__(self, input_dim: int, num_experts: int, k: int, noisy: bool = True,
+                 noise_epsilon: float = 1e-2):
+        super().__init__()
+        self.num_experts, self.k, self.noisy = num_experts, k, noisy
+        self.noise_epsilon = noise_epsilon
+        self.w_gate = nn.Parameter(torch.zeros(input_dim, num_experts))
+        self.w_noise = nn.Parameter(torch.zeros(input_dim, num_experts)) if noisy else None
+
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
+        E, k = self.num_experts, self.k
+        T = x_TD.shape[0]
+        if self.noisy:
+            # One matmul for both projections: x·[W_g | W_noise].
+            both_T2E = x_TD @ torch.cat([self.w_gate, self.w_noise], dim=1)
+            clean_TE, raw_noise_TE = both_T2E.float().split(E, dim=1)
+        else:
+            clean_TE, raw_noise_TE = (x_TD @ self.w_gate).float(), None
+
+        add_noise = self.training and self.noisy
+        if add_noise:
+            noise_std_TE = F.softplus(raw_noise_TE) + self.noise_epsilon  # eq. (4)
+            noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE  # H(x)
+        else:
+            noisy_TE = clean_TE
+
+        # KeepTopK (eq. 5): the k+1-th value is kept too, for the load estimator's threshold.
+        top_values_TK, top_experts_TK = noisy_TE.topk(min(k + 1, E), dim=-1)
+        gate_TK = torch.softmax(top_values_TK[:, :k], dim=-1)  # softmax over the kept k only
+        expert_TK = top_experts_TK[:, :k]
+        if valid_T is not None:
+            expert_TK = torch.where(valid_T[:, None], expert_TK, E)
+            gate_TK = gate_TK * valid_T[:, None]
+
+        expert_A, gate_A = expert_TK.reshape(-1), gate_TK.reshape(-1)
+        counts_E = _counts(expert_A, E)
+        if add_noise and k < E:
+            prob_TE = smooth_load(clean_TE, noisy_TE, noise_std_TE, top_values_TK, k)
+            if valid_T is not None:
+                prob_TE = prob_TE * valid_T[:, None]
+            load_E = prob_TE.sum(0)  # eq. (10)
+        else:
+            load_E = counts_E.float()  # no noise or k == n: the load is deterministic
+        return GateOutput(
+            row_A=torch.arange(T, device=x_TD.device).repeat_interleave(k),
+            expert_A=expert_A,
+            gate_A=gate_A,
+            importance_E=_per_expert_sum(expert_A, gate_A, E),
+            load_E=load_E,
+            counts_E=counts_E,
+            aux_loss=clean_TE.new_zeros(()),
+            num_rows=_num_real_rows(valid_T, T),
+        )
+
+
+class SoftmaxGate(nn.Module):
+    """Dense softmax gating G_σ(x) = softmax(x·W_g) (§2.1): every row visits every expert."""
+
+    def __init__(self, input_dim: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w_gate = nn.Parameter(torch.zeros(input_dim, num_experts))
+
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
+        E, T = self.num_experts, x_TD.shape[0]
+        gate_TE = torch.softmax((x_TD @ self.w_gate).float(), dim=-1)
+        expert_TE = torch.arange(E, device=x_TD.device).expand(T, E)
+        if valid_T is not None:
+            gate_TE = gate_TE * valid_T[:, None]
+            expert_TE = torch.where(valid_T[:, None], expert_TE, E)
+        expert_A, gate_A = expert_TE.reshape(-1), gate_TE.reshape(-1)
+        counts_E = _counts(expert_A, E)
+        return GateOutput(
+            row_A=torch.arange(T, device=x_TD.device).repeat_interleave(E),
+            expert_A=expert_A,
+            gate_A=gate_A,
+            importance_E=gate_TE.sum(0),
+            load_E=counts_E.float(),
+            counts_E=counts_E,
+            aux_loss=gate_TE.new_zeros(()),
+            num_rows=_num_real_rows(valid_T, T),
+        )
+
+
+def batchwise_capacity(k: int, num_rows: int, num_experts: int) -> int:
+    """m = k·|X|/n of App. F, rounded to nearest, at least 1 and at most |X|."""
+    if num_rows == 0:
+        return 0
+    return min(num_rows, max(1, int(k * num_rows / num_experts + 0.5)))
+
+
+def batchwise_mask(probs_TE: torch.Tensor, m: int, valid_T: Optional[torch.Tensor] = None):
+    """M_batchwise(X, m) (App. F, eq. 16): per expert (column), the m rows with the largest
+    G_σ. Returns (mask [T, E] bool, chosen rows [m, E])."""
+    scores_TE = probs_TE if valid_T is None else probs_TE.masked_fill(~valid_T[:, None], -1.0)
+    rows_mE = scores_TE.topk(m, dim=0).indices
+    mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, rows_mE, True)
+    return mask_TE, rows_mE
+
+
+def threshold_mask(probs_TE: torch.Tensor, thresholds_E: torch.Tensor) -> torch.Tensor:
+    """M_threshold(x, T) (App. F, eq. 17): expert i is used iff G_σ(x)_i > T_i."""
+    return probs_TE > thresholds_E
+
+
+def batchwise_threshold_loss(probs_TE, thresholds_E, mask_threshold_TE, mask_batchwise_TE,
+                             valid_T=None) -> torch.Tensor:
+    """L_batchwise (App. F, eq. 18) averaged over real rows:
+    Σ_j Σ_i (M_threshold − M_batchwise)_{j,i} (G_σ(x_j)_i − T_i).
+
+    Every term is ≥ 0 and vanishes where the masks agree. G_σ is detached, so the gradient
+    reaches only T (see module docstring)."""
+    disagreement_TE = mask_threshold_TE.to(probs_TE.dtype) - mask_batchwise_TE.to(probs_TE.dtype)
+    terms_TE = disagreement_TE * (probs_TE.detach() - thresholds_E)
+    if valid_T is not None:
+        terms_TE = terms_TE * valid_T[:, None]
+    num_rows = max(terms_TE.shape[0], 1) if valid_T is None else valid_T.sum().clamp_min(1)
+    return terms_TE.sum() / num_rows
+
+
+class BatchwiseGate(nn.Module):
+    """Strictly balanced gating (App. F).
+
+        G(x)_i = G_σ(x)_i · M_i / Σ_j G_σ(x)_j · M_j
+
+    Training uses M_batchwise (every expert gets exactly m rows of the batch); eval uses
+    M_threshold with the learned ``thresholds`` T, trained by L_batchwise. The number of
+    experts a row visits varies (0 to n).
+    """
+
+    def __init__(self, input_dim: int, num_experts: int, k: int):
+        super().__init__()
+        self.num_experts, self.k = num_experts, k
+        # Not zero-initialised, unlike the noisy gate: with all G_σ tied, every column's top m
+        # would be the same m rows and the rest of the batch would reach no expert. A small
+        # random W_g keeps G_σ near uniform but gives each expert a different ordering.
+        self.w_gate = nn.Parameter(torch.randn(input_dim, num_experts) * (0.1 / input_dim**0.5))
+        # At initialisation G_σ ≈ 1/n everywhere; L_batchwise moves T from there.
+        self.thresholds = nn.Parameter(torch.full((num_experts,), 1.0 / num_experts))
+
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
+        E, T = self.num_experts, x_TD.shape[0]
+        probs_TE = torch.softmax((x_TD @ self.w_gate).float(), dim=-1)  # G_σ(x)
+        thresholds_E = self.thresholds.float()
+        mask_threshold_TE = threshold_mask(probs_TE, thresholds_E)
+        if valid_T is not None:
+            mask_threshold_TE = mask_threshold_TE & valid_T[:, None]
+        num_rows = _num_real_rows(valid_T, T)
+
+        if self.training:
+            m = batchwise_capacity(self.k, num_rows, E)
+            mask_TE, rows_mE = batchwise_mask(probs_TE, m, valid_T)
+            aux_loss = batchwise_threshold_loss(probs_TE, thresholds_E, mask_threshold_TE,
+                                                mask_TE, valid_T)
+            # Column-major: the assignments come out already grouped by expert.
+            row_A = rows_mE.t().reshape(-1)
+            expert_A = torch.arange(E, device=x_TD.device).repeat_interleave(m)
+        else:
+            mask_TE = mask_threshold_TE
+            aux_loss = probs_TE.new_zeros(())
+            row_A, expert_A = mask_TE.nonzero(as_tuple=True)
+
+        masked_TE = probs_TE * mask_TE
+        # A row with no expert has an all-zero numerator: its gates stay 0 (no NaN).
+        gate_TE = masked_TE / masked_TE.sum(-1, keepdim=True).clamp_min(1e-30)
+        counts_E = mask_TE.sum(0)
+        return GateOutput(
+            row_A=row_A,
+            expert_A=expert_A,
+            gate_A=gate_TE[row_A, expert_A],
+            importance_E=gate_TE.sum(0),
+            load_E=counts_E.float(),
+            counts_E=counts_E,
+            aux_loss=aux_loss,
+            num_rows=num_rows,
+        )
+
+
+def build_gate(gating: str, input_dim: int, num_experts: int, k: int,
+               noise_epsilon: float = 1e-2) -> nn.Module:
+    """The gate for one of ``GATING_MODES`` (arguments are validated by the layers)."""
+    if gating == "noisy_top_k":
+        return NoisyTopKGate(input_dim, num_experts, k, noisy=True, noise_epsilon=noise_epsilon)
+    if gating == "top_k":
+        return NoisyTopKGate(input_dim, num_experts, k, noisy=False)
+    if gating == "softmax":
+        return SoftmaxGate(input_dim, num_experts)
+    if gating == "batchwise":
+        return BatchwiseGate(input_dim, num_experts, k)
+    raise ValueError(f"gating must be one of {', '.join(GATING_MODES)}; got {gating!r}")

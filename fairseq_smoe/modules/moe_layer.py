@@ -1,0 +1,148 @@
+"""The Sparsely-Gated Mixture-of-Experts layer (PAPER.md §1; paper §2, eq. 1).
+
+    y = Σ_i G(x)_i · E_i(x)        E_i(x) is computed only where G(x)_i ≠ 0
+
+Pure PyTorch, usable in any model:
+
+    moe = MoELayer(512, 512, num_experts=32, hidden_dim=1024, k=4)
+    y, stats = moe(x, padding_mask)      # x [..., 512] → y [..., 512]; mask True = padding
+    loss = task_loss + stats.loss
+
+Each forward treats every position of x as one example (the "convolutional" batch of §3.1):
+the gate routes each non-padding position, ``dispatch`` groups the assignments by expert, each
+expert runs once on its group, and the gate-weighted outputs are added back. Padding positions
+are never routed, never counted, and come out as 0.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .dispatch import combine, group_by_expert
+from .experts import FeedForwardExperts
+from .gating import GATING_MODES, build_gate
+from .stats import MoEStats, balance_losses, count_unrouted
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def check_layer_args(gating: str, noise_epsilon: float, w_importance: float, w_load: float, **sizes):
+    for name, value in sizes.items():
+        check_positive_int(name, value)
+    if gating not in GATING_MODES:
+        raise ValueError(f"gating must be one of {', '.join(GATING_MODES)}; got {gating!r}")
+    if gating == "noisy_top_k" and not noise_epsilon >= 0:
+        raise ValueError(f"noise_epsilon must be >= 0; got {noise_epsilon!r}")
+    for name, value in (("w_importance", w_importance), ("w_load", w_load)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0 (0 disables that loss); got {value!r}")
+
+
+def check_k(name: str, k: int, num_experts: int, experts_name: str) -> None:
+    check_positive_int(name, k)
+    if k > num_experts:
+        raise ValueError(f"{name}={k} is larger than {experts_name}={num_experts}; "
+                         f"choose {name} <= {experts_name}")
+
+
+class MoELayerBase(nn.Module):
+    """What flat and hierarchical layers share: input flattening, dispatch to the experts,
+    and the balance statistics. ``self.experts`` may be swapped for an expert-parallel
+    wrapper with the same ``forward(x_SD, counts)`` contract (see ``fairseq_smoe.distributed``).
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, num_experts: int, hidden_dim: int,
+                 num_hidden_layers: int, w_importance: float, w_load: float,
+                 recompute_activations: bool):
+        super().__init__()
+        self.input_dim, self.output_dim = input_dim, output_dim
+        self.num_experts = num_experts
+        self.w_importance, self.w_load = w_importance, w_load
+        self.experts = FeedForwardExperts(num_experts, input_dim, hidden_dim, output_dim,
+                                          num_hidden_layers, recompute_activations)
+        # Sums per-expert totals over data-parallel workers before the CV² (§1.2), so the
+        # balance loss sees the global batch. Identity in a single process; set by
+        # fairseq_smoe.distributed when training is distributed. Must be differentiable.
+        self.sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+    def _flatten(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"expected input of size [..., {self.input_dim}], got {list(x.shape)}")
+        x_TD = x.reshape(-1, self.input_dim)
+        if padding_mask is None:
+            return x_TD, None
+        if padding_mask.shape != x.shape[:-1]:
+            raise ValueError(f"padding_mask must have shape {list(x.shape[:-1])} (x without its "
+                             f"last dimension); got {list(padding_mask.shape)}")
+        return x_TD, ~padding_mask.reshape(-1).to(torch.bool)
+
+    def _experts_and_combine(self, x_TD, row_A, expert_A, gate_A):
+        """Group assignments by expert, run each expert once on its rows, add back (eq. 1)."""
+        order_S, counts = group_by_expert(expert_A, self.num_experts)
+        row_S = row_A[order_S]
+        y_SO = self.experts(x_TD[row_S], counts)
+        return combine(y_SO, row_S, gate_A[order_S], x_TD.shape[0]), row_S
+
+    def _stats(self, importance, load, counts, aux_loss, num_tokens, unrouted) -> MoEStats:
+        importance = self.sum_over_workers(importance)
+        load = self.sum_over_workers(load)
+        importance_loss, load_loss = balance_losses(importance, load, self.w_importance, self.w_load)
+        return MoEStats(
+            loss=importance_loss + load_loss + aux_loss,
+            importance=importance.detach(),
+            load=load.detach(),
+            counts=self.sum_over_workers(counts.detach()),
+            importance_loss=importance_loss.detach(),
+            load_loss=load_loss.detach(),
+            threshold_loss=aux_loss.detach(),
+            num_tokens=torch.as_tensor(num_tokens, device=importance.device),
+            unrouted=unrouted,
+        )
+
+
+class MoELayer(MoELayerBase):
+    """Flat MoE layer: one gate over ``num_experts`` feed-forward experts.
+
+    Args:
+        input_dim, output_dim: sizes of x and y.
+        num_experts: n.
+        hidden_dim: width of each expert's hidden layer(s).
+        k: experts per example (ignored by ``softmax``, which is dense; the App. F capacity
+            factor m = k·|X|/n for ``batchwise``).
+        gating: "noisy_top_k" (§2.1, default), "top_k" (no noise), "softmax" (dense),
+            "batchwise" (App. F strictly balanced).
+        num_hidden_layers: ReLU hidden layers per expert (MoE-1-Deep uses 4).
+        noise_epsilon: added to softplus(x·W_noise) as in the reference code.
+        w_importance, w_load: weights of the two balance losses (paper: 0.1 for LM, 0.01 for MT).
+        recompute_activations: recompute expert hidden activations in backward (App. D).
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, num_experts: int, hidden_dim: int,
+                 k: int = 4, gating: str = "noisy_top_k", num_hidden_layers: int = 1,
+                 noise_epsilon: float = 1e-2, w_importance: float = 0.1, w_load: float = 0.1,
+                 recompute_activations: bool = False):
+        check_layer_args(gating, noise_epsilon, w_importance, w_load, input_dim=input_dim,
+                         output_dim=output_dim, num_experts=num_experts, hidden_dim=hidden_dim,
+                         num_hidden_layers=num_hidden_layers)
+        check_k("k", k, num_experts, "num_experts")
+        super().__init__(input_dim, output_dim, num_experts, hidden_dim, num_hidden_layers,
+                         w_importance, w_load, recompute_activations)
+        self.k, self.gating = k, gating
+        self.gate = build_gate(gating, input_dim, num_experts, k, noise_epsilon)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        x_TD, valid_T = self._flatten(x, padding_mask)
+        decision = self.gate(x_TD, valid_T)  # G(x): sparse (row, expert, gate) assignments
+        y_TO, row_S = self._experts_and_combine(x_TD, decision.row_A, decision.expert_A,
+                                                decision.gate_A)
+        stats = self._stats(decision.importance_E, decision.load_E, decision.counts_E,
+                            decision.aux_loss, decision.num_rows,
+                            count_unrouted(row_S, valid_T, x_TD.shape[0]))
+        return y_TO.reshape(*x.shape[:-1], self.output_dim), stats
+
+    def extra_repr(self) -> str:
+        return f"gating={self.gating}, k={self.k}"
