@@ -1,0 +1,1 @@
+from . import smoe_cross_entropy  # noqa: F401  (registers the criteria)
