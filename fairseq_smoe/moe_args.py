@@ -11,6 +11,7 @@ Shared by every fairseq model of the plugin, so ``--moe-*`` flags mean the same 
     --moe-noise-epsilon E   added to the noise std, as in the reference code
     --moe-w-importance W, --moe-w-load W   balance-loss weights (paper: 0.1 LM, 0.01 MT)
     --moe-recompute         recompute expert activations in backward (App. D)
+    --[no-]moe-expert-parallel   shard experts across distributed workers (default: on)
 
 Models set their own defaults in their ``base_architecture`` with ``getattr(args, ..., default)``.
 """
@@ -42,16 +43,24 @@ def add_moe_args(parser) -> None:
                        help="weight of the load loss w_load·CV(Load)^2")
     group.add_argument("--moe-recompute", action="store_true", default=None,
                        help="recompute expert hidden activations in backward to save memory")
+    group.add_argument("--moe-expert-parallel", dest="moe_expert_parallel", action="store_true",
+                       default=None,
+                       help="when training is distributed, shard each MoE layer's experts across "
+                            "the workers (the default)")
+    group.add_argument("--no-moe-expert-parallel", dest="moe_expert_parallel",
+                       action="store_false",
+                       help="replicate the experts on every worker (plain data parallelism)")
 
 
 def set_moe_defaults(args, num_experts=0, groups=0, k=4, hidden_dim=1024, expert_layers=1,
                      gating="noisy_top_k", noise_epsilon=1e-2, w_importance=0.1, w_load=0.1,
-                     recompute=False) -> None:
+                     recompute=False, expert_parallel=True) -> None:
     """Fill unset ``--moe-*`` options (for ``base_architecture`` functions)."""
     defaults = dict(moe_num_experts=num_experts, moe_groups=groups, moe_k=k,
                     moe_hidden_dim=hidden_dim, moe_expert_layers=expert_layers,
                     moe_gating=gating, moe_noise_epsilon=noise_epsilon,
-                    moe_w_importance=w_importance, moe_w_load=w_load, moe_recompute=recompute)
+                    moe_w_importance=w_importance, moe_w_load=w_load, moe_recompute=recompute,
+                    moe_expert_parallel=expert_parallel)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
