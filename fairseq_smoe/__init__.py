@@ -15,5 +15,9 @@ else:
     from . import checkpoint_compat
 
     checkpoint_compat.install()
+    from . import distributed
+
+    distributed.install()  # expert-parallel checkpoints and gradient clipping in fairseq's trainer
     from . import criterions  # noqa: F401  (fairseq's --user-dir imports only models/ and tasks/)
+    from . import lr_scheduler  # noqa: F401
     from . import models  # noqa: F401

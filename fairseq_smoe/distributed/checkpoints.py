@@ -1,0 +1,233 @@
+"""Checkpoints of expert-parallel training: one file per worker, merged or resharded on load.
+
+Layout (W workers): worker 0 writes fairseq's usual file, e.g. ``checkpoint_best.pt``; worker
+r > 0 writes ``checkpoint_best-expert-shard{r}.pt`` next to it. Each file is that worker's whole
+trainer state (replicated parameters, its own experts, its optimizer state, the data iterator
+state) plus ``state["moe_expert_shards"]``, which names the expert tensors and their totals:
+
+    {"world_size": W, "rank": r,
+     "model_keys": {state-dict key: experts in total},
+     "optimizer_slots": {optimizer state index: experts in total}}
+
+Every expert tensor (parameters and their optimizer moments) has the expert as its leading
+dimension, so merging is a concatenation along dim 0 in rank order, and sharding a slice.
+
+Loading (``load_for_this_process``, hooked into fairseq's ``load_checkpoint_to_cpu``):
+    * the same W workers: each reads its own file — training continues exactly;
+    * one process (fairseq-eval-lm, fairseq-generate, fairseq-validate, 1-worker training):
+      all W files are read and merged into an ordinary full checkpoint;
+    * M workers, M ≠ W: merged, then each worker keeps its share (M must divide the experts).
+``scripts/reshard_experts.py`` writes merged or resharded files ahead of time.
+"""
+
+import logging
+import os
+import re
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SHARD_META_KEY = "moe_expert_shards"
+_SHARD_SUFFIX = "-expert-shard{}"
+_SHARD_SUFFIX_RE = re.compile(r"-expert-shard(\d+)(\.pt)$")
+
+
+def shard_suffix(rank: int) -> str:
+    """fairseq ``checkpoint_suffix`` of worker ``rank`` (worker 0 keeps the plain names)."""
+    return "" if rank == 0 else _SHARD_SUFFIX.format(rank)
+
+
+def shard_path(base_path: str, rank: int) -> str:
+    """``checkpoint_best.pt`` → ``checkpoint_best-expert-shard{rank}.pt`` (rank 0: unchanged)."""
+    if rank == 0:
+        return base_path
+    root, ext = os.path.splitext(base_path)
+    return root + shard_suffix(rank) + ext
+
+
+def base_path(path: str) -> str:
+    """The worker-0 file of a shard file name (other names unchanged)."""
+    return _SHARD_SUFFIX_RE.sub(r"\2", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# What is sharded in a model
+
+
+def expert_plan(model, rank: int, world_size: int) -> Optional[dict]:
+    """Shard metadata of a model whose experts are ``ExpertParallelExperts`` (None if none).
+
+    Optimizer slots are the positions of the expert parameters among the trainable parameters
+    in ``model.parameters()`` order, which is how fairseq's trainer lists them to the optimizer
+    (criterion parameters come after the model's)."""
+    from .expert_parallel import ExpertParallelExperts
+
+    totals = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            for param_name, param in module.named_parameters():
+                key = f"{module_name}.{param_name}" if module_name else param_name
+                totals[id(param)] = (key, module.num_experts_total)
+    if not totals:
+        return None
+    model_keys, slots = {}, {}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for index, param in enumerate(trainable):
+        if id(param) in totals:
+            slots[index] = totals[id(param)][1]
+    for key, total in totals.values():
+        model_keys[key] = total
+    return {"world_size": world_size, "rank": rank, "model_keys": model_keys,
+            "optimizer_slots": slots}
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge and slice
+
+
+def _progress(state) -> tuple:
+    history = state.get("optimizer_history") or [{}]
+    itr = (state.get("extra_state") or {}).get("train_iterator") or {}
+    return history[-1].get("num_updates"), itr.get("epoch"), itr.get("iterations_in_epoch")
+
+
+def merge_expert_shards(states: List[dict], names: Optional[List[str]] = None) -> dict:
+    """One full checkpoint from the W per-worker checkpoints of one save (in rank order)."""
+    names = names or [f"shard {r}" for r in range(len(states))]
+    meta = states[0].get(SHARD_META_KEY)
+    if meta is None:
+        raise ValueError(f"{names[0]} is not an expert-parallel checkpoint (no {SHARD_META_KEY!r})")
+    world_size = meta["world_size"]
+    if len(states) != world_size:
+        raise ValueError(f"{names[0]} was saved by {world_size} workers; got {len(states)} files")
+    for rank, (state, name) in enumerate(zip(states, names)):
+        shard_meta = state.get(SHARD_META_KEY) or {}
+        if shard_meta.get("rank") != rank or shard_meta.get("world_size") != world_size:
+            raise ValueError(f"{name} is not worker {rank} of {world_size} of {names[0]}")
+        if _progress(state) != _progress(states[0]):
+            raise ValueError(
+                f"{name} and {names[0]} come from different saves (updates/epoch/iteration "
+                f"{_progress(state)} vs {_progress(states[0])}); the shard files of one checkpoint "
+                f"must be written together")
+
+    full = dict(states[0])
+    full.pop(SHARD_META_KEY)
+    model = OrderedDict(states[0]["model"])
+    for key in meta["model_keys"]:
+        model[key] = torch.cat([state["model"][key] for state in states], dim=0)
+    full["model"] = model
+    optimizer_states = [state.get("last_optimizer_state") for state in states]
+    if all(isinstance(s, dict) and "state" in s for s in optimizer_states):
+        full["last_optimizer_state"] = _map_optimizer_slots(
+            optimizer_states[0], meta["optimizer_slots"],
+            lambda index, name, value, local: torch.cat(
+                [s["state"][index][name] for s in optimizer_states], dim=0))
+    return full
+
+
+def select_expert_shard(state: dict, plan: dict) -> dict:
+    """This worker's share of a full checkpoint: expert tensors of ``plan['model_keys']`` and
+    ``plan['optimizer_slots']`` cut to the worker's experts; everything else unchanged."""
+    rank, world_size = plan["rank"], plan["world_size"]
+
+    def cut(tensor, total):
+        if not (torch.is_tensor(tensor) and tensor.dim() >= 1 and tensor.shape[0] == total):
+            return tensor
+        per_worker = total // world_size
+        return tensor[rank * per_worker:(rank + 1) * per_worker].clone()
+
+    shard = dict(state)
+    model = OrderedDict(state["model"])
+    for key, total in plan["model_keys"].items():
+        if key in model:
+            model[key] = cut(model[key], total)
+    shard["model"] = model
+    optimizer_state = state.get("last_optimizer_state")
+    if isinstance(optimizer_state, dict) and "state" in optimizer_state:
+        shard["last_optimizer_state"] = _map_optimizer_slots(
+            optimizer_state, plan["optimizer_slots"],
+            lambda index, name, value, total: cut(value, total), use_total=True)
+    shard[SHARD_META_KEY] = dict(plan)
+    return shard
+
+
+def _map_optimizer_slots(optimizer_state: dict, slots: Dict[int, int], fn: Callable,
+                         use_total: bool = False) -> dict:
+    """Copy of a torch optimizer state dict where each per-expert tensor of each expert slot
+    (leading dimension = the slot's experts) is replaced by ``fn(index, name, value, n)``.
+
+    ``n`` is the slot's total experts (use_total) or the local count found in the state."""
+    new_state = dict(optimizer_state)
+    per_param = dict(optimizer_state["state"])
+    for index, total in slots.items():
+        index = int(index)
+        if index not in per_param:
+            continue
+        entry = dict(per_param[index])
+        leading = _leading_dim(entry)
+        for name, value in entry.items():
+            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == leading:
+                entry[name] = fn(index, name, value, total if use_total else leading)
+        per_param[index] = entry
+    new_state["state"] = per_param
+    return new_state
+
+
+def _leading_dim(entry: dict) -> Optional[int]:
+    """Experts in a slot's state: the leading dimension of its largest tensor."""
+    tensors = [v for v in entry.values() if torch.is_tensor(v) and v.dim() >= 1]
+    if not tensors:
+        return None
+    return max(tensors, key=lambda t: t.dim()).shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading for the current process
+
+
+def load_for_this_process(path: str, load_one: Callable[[str], dict],
+                          plan: Optional[dict]) -> dict:
+    """The state this process needs from checkpoint ``path`` (see the module docstring).
+
+    ``load_one(path)`` reads one file; ``plan`` is this worker's ``expert_plan`` when its
+    model's experts are sharded, else None (a full model)."""
+    base = base_path(path)
+    state = load_one(base)
+    meta = state.get(SHARD_META_KEY)
+    if meta is None:
+        return state if plan is None else select_expert_shard(state, plan)
+
+    saved_world = meta["world_size"]
+    if plan is not None and plan["world_size"] == saved_world:
+        if plan["rank"] == 0:
+            return state
+        own_path = shard_path(base, plan["rank"])
+        _require_file(own_path, base, saved_world)
+        own = load_one(own_path)
+        if _progress(own) != _progress(state):
+            raise ValueError(f"{own_path} and {base} come from different saves; the shard files "
+                             f"of one checkpoint must be written together")
+        return own
+
+    paths = [shard_path(base, r) for r in range(saved_world)]
+    for p in paths[1:]:
+        _require_file(p, base, saved_world)
+    logger.info(f"merging the expert shards of {saved_world} workers: {base} + "
+                f"{saved_world - 1} x *-expert-shard*.pt")
+    full = merge_expert_shards([state] + [load_one(p) for p in paths[1:]], paths)
+    if plan is None:
+        return full
+    logger.info(f"resharding experts from {saved_world} to {plan['world_size']} workers "
+                f"(this is worker {plan['rank']})")
+    return select_expert_shard(full, plan)
+
+
+def _require_file(path: str, base: str, world_size: int) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{base} holds 1/{world_size} of the experts of an expert-parallel run; its other "
+            f"shards are files named like {path} in the same directory. Copy all "
+            f"{world_size} files together (or merge them with scripts/reshard_experts.py).")

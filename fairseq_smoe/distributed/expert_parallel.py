@@ -1,0 +1,185 @@
+"""Experts sharded across data-parallel workers (PAPER.md §2; paper §3.1).
+
+Gates, embeddings and LSTMs stay replicated; each of W workers holds experts
+[r·E/W, (r+1)·E/W) of every MoE layer. A layer's forward groups its assignments by (global)
+expert as usual and hands them to ``ExpertParallelExperts.forward(x_SD, counts)``:
+
+    1. counts → per-worker row counts: rows for experts owned by worker v are contiguous
+    2. all-to-all of the counts, so every worker knows how many rows it will receive
+    3. all-to-all of the rows; received rows are grouped (source worker, expert) and are
+       reordered to (expert, source worker) so each local expert runs once on its block
+    4. the local experts run; outputs go back the same way (reverse all-to-all)
+
+Every expert therefore sees the examples of all workers: its batch is k·b·W/E instead of
+k·b/E (§3.1). No capacity limit, nothing dropped. The exchanges are differentiable, so an
+expert's weight gradient collects the contributions of every worker's tokens: it must not be
+all-reduced. Hierarchical layers shard whole groups (their experts are stored group-major).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import distributed as dist
+
+from ..modules.experts import FeedForwardExperts, _GroupedFeedForward
+from ..modules.hierarchical_moe import HierarchicalMoELayer
+from .all_to_all import GroupRef, all_to_all, exchange_counts
+
+
+def expert_range(num_experts: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[first, end) of the experts that worker ``rank`` of ``world_size`` holds."""
+    per_worker = num_experts // world_size
+    return rank * per_worker, (rank + 1) * per_worker
+
+
+def check_shardable(layer, world_size: int, name: str = "") -> None:
+    """A clear error unless ``world_size`` workers can hold equal, whole shares of the layer."""
+    where = f" '{name}'" if name else ""
+    if isinstance(layer, HierarchicalMoELayer):
+        if layer.num_groups % world_size:
+            raise ValueError(
+                f"expert parallelism: {world_size} workers cannot hold equal numbers of whole "
+                f"groups of the hierarchical MoE layer{where} ({layer.num_groups} groups of "
+                f"{layer.experts_per_group} experts); use a --moe-groups that is a multiple of "
+                f"{world_size}, a world size that divides {layer.num_groups}, or "
+                f"--no-moe-expert-parallel to replicate the experts")
+    elif layer.num_experts % world_size:
+        raise ValueError(
+            f"expert parallelism: {world_size} workers cannot hold equal shares of the "
+            f"{layer.num_experts} experts of MoE layer{where}; use a --moe-num-experts that is a "
+            f"multiple of {world_size}, a world size that divides {layer.num_experts}, or "
+            f"--no-moe-expert-parallel to replicate the experts")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` (see ``grad_scale``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class ExpertParallelExperts(FeedForwardExperts):
+    """This worker's share of a ``FeedForwardExperts``, with the ``forward(x_SD, counts)``
+    contract of the full set: ``counts`` lists rows for all ``num_experts_total`` experts.
+
+    Built from the full (identically initialised on every worker) experts by taking this
+    worker's slice, so W workers together hold exactly the experts one process would.
+    State-dict keys are those of ``FeedForwardExperts``; tensors hold the local slice. Loading
+    a full (unsharded) state dict takes this worker's slice.
+
+    Args:
+        experts: the full experts (all ``num_experts``), identical on every worker.
+        group: the data-parallel process group (None: the default group).
+        grad_scale: factor on the expert weight gradients. 1 gives the exact gradient of the
+            sum of all workers' losses. Data-parallel trainers that *average* the replicated
+            gradients over W workers (fairseq, torch DDP) need 1/W, so that experts and
+            replicated parameters are scaled alike.
+    """
+
+    def __init__(self, experts: FeedForwardExperts, group: Optional[dist.ProcessGroup] = None,
+                 grad_scale: float = 1.0):
+        nn.Module.__init__(self)
+        self.group_ref = GroupRef(group)
+        world_size, rank = self.group_ref.world_size, self.group_ref.rank
+        total = experts.num_experts
+        if total % world_size:
+            raise ValueError(f"{world_size} workers cannot hold equal shares of {total} experts")
+        first, end = expert_range(total, rank, world_size)
+        self.num_experts_total, self.first_expert = total, first
+        self.num_experts = end - first  # local experts (FeedForwardExperts' bookkeeping)
+        self.world_size, self.rank = world_size, rank
+        self.recompute_activations = experts.recompute_activations
+        self.grad_scale = grad_scale
+
+        def local_slice(full):
+            return nn.Parameter(full.detach()[first:end].clone(), requires_grad=full.requires_grad)
+
+        self.weights = nn.ParameterList(local_slice(w) for w in experts.weights)
+        self.biases = nn.ParameterList(local_slice(b) for b in experts.biases)
+        for p in self.parameters():
+            # fairseq's convention for parameters that differ between workers: its legacy DDP
+            # does not all-reduce them; our clip_grad_norm_ counts each of them once.
+            p.expert = True
+            p.moe_expert_shard = True
+
+    def forward(self, x_SD: torch.Tensor, counts) -> torch.Tensor:
+        E, W, El = self.num_experts_total, self.world_size, self.num_experts
+        if len(counts) != E or sum(counts) != x_SD.shape[0]:
+            raise ValueError(f"counts must list rows for each of the {E} experts and add up to "
+                             f"{x_SD.shape[0]} rows; got {len(counts)} entries summing to {sum(counts)}")
+        group = self.group_ref.group
+        counts = [int(c) for c in counts]
+        send_splits = [sum(counts[v * El:(v + 1) * El]) for v in range(W)]
+        # 1. how many rows each worker sends to each of our experts (one host sync)
+        counts_WE = torch.tensor(counts, dtype=torch.long, device=x_SD.device).view(W, El)
+        received_WE = exchange_counts(counts_WE, group)
+        received = received_WE.tolist()
+        recv_splits = [sum(row) for row in received]
+        local_counts = [sum(received[w][e] for w in range(W)) for e in range(El)]
+        # 2. rows to their experts' workers
+        x_RD = all_to_all(x_SD, send_splits, recv_splits, group)
+        # 3. (source worker, expert) blocks → (expert, source worker) blocks
+        order_R = self._expert_major_order(received_WE, sum(recv_splits))
+        x_LD = x_RD if order_R is None else x_RD[order_R]
+        y_LO = self._run_local_experts(x_LD, local_counts)
+        if order_R is None:
+            y_RO = y_LO
+        else:
+            inverse_R = torch.empty_like(order_R)
+            inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+            y_RO = y_LO[inverse_R]
+        # 4. outputs back to the workers the rows came from
+        return all_to_all(y_RO, recv_splits, send_splits, group)
+
+    def _expert_major_order(self, received_WE: torch.Tensor, num_rows: int):
+        W, El = received_WE.shape
+        if El == 1 or W == 1:
+            return None  # already grouped by expert
+        block_B = torch.arange(W * El, device=received_WE.device)
+        block_R = torch.repeat_interleave(block_B, received_WE.reshape(-1), output_size=num_rows)
+        key_R = (block_R % El) * W + block_R // El
+        return torch.argsort(key_R, stable=True)
+
+    def _run_local_experts(self, x_LD: torch.Tensor, local_counts) -> torch.Tensor:
+        params = [*self.weights, *self.biases]
+        if self.grad_scale != 1.0:
+            params = [_ScaleGrad.apply(p, self.grad_scale) for p in params]
+        param_dtype = self.weights[0].dtype
+        y_LO = _GroupedFeedForward.apply(x_LD.to(param_dtype).contiguous(), tuple(local_counts),
+                                         self.recompute_activations, *params)
+        return y_LO.to(x_LD.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A full (unsharded or merged) checkpoint: keep this worker's slice.
+        first, end = self.first_expert, self.first_expert + self.num_experts
+        for name, _ in self.named_parameters():
+            key = prefix + name
+            tensor = state_dict.get(key)
+            if (torch.is_tensor(tensor) and tensor.dim() >= 1
+                    and tensor.shape[0] == self.num_experts_total != self.num_experts):
+                state_dict[key] = tensor[first:end]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        dims = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]
+        last = self.first_expert + self.num_experts - 1
+        return (f"experts {self.first_expert}..{last} of {self.num_experts_total} on worker "
+                f"{self.rank} of {self.world_size}, dims={'→'.join(map(str, dims))}")
+
+
+def shard_layer(layer, group: Optional[dist.ProcessGroup] = None, grad_scale: float = 1.0,
+                name: str = "") -> ExpertParallelExperts:
+    """Replace ``layer.experts`` by this worker's share (``ExpertParallelExperts``)."""
+    world_size = dist.get_world_size(group)
+    check_shardable(layer, world_size, name)
+    if isinstance(layer.experts, ExpertParallelExperts):
+        return layer.experts
+    layer.experts = ExpertParallelExperts(layer.experts, group, grad_scale)
+    return layer.experts

@@ -1,0 +1,145 @@
+"""What fairseq's trainer must do differently when experts are sharded (installed on import).
+
+fairseq assumes every worker holds the same parameters. With expert parallelism it does not,
+so, only for models whose experts ``setup_expert_parallel`` sharded (otherwise nothing changes):
+
+* Saving: every worker saves (fairseq saves on worker 0 only), worker r > 0 under fairseq's
+  file names with the suffix ``-expert-shard{r}``; files carry ``moe_expert_shards`` metadata.
+* Loading: every worker reads the checkpoint itself (no broadcast of worker 0's experts), and
+  ``load_checkpoint_to_cpu`` merges or reshards expert-parallel checkpoints for whatever this
+  process holds (``checkpoints.load_for_this_process``) — also in fairseq-eval-lm/-generate.
+* Gradient clipping: the norm counts the replicated parameters once and each expert once
+  (all-reduce of the experts' squared norms); fairseq's own ``clip_grad_norm_`` leaves
+  ``expert`` parameters out of the norm altogether.
+"""
+
+import logging
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from .checkpoints import SHARD_META_KEY, base_path, expert_plan, load_for_this_process, shard_suffix
+
+logger = logging.getLogger(__name__)
+
+_sharded_model = None  # weakref to the model whose experts this process holds a share of
+_group = None
+
+
+def register_sharded_model(model, group) -> None:
+    global _sharded_model, _group
+    _sharded_model, _group = weakref.ref(model), group
+
+
+def _active_model():
+    return _sharded_model() if _sharded_model is not None else None
+
+
+def _is_sharded(model) -> bool:
+    active = _active_model()
+    return active is not None and model is active
+
+
+def current_plan():
+    model = _active_model()
+    if model is None:
+        return None
+    return expert_plan(model, dist.get_rank(_group), dist.get_world_size(_group))
+
+
+def clip_grad_norm_with_sharded_experts(params, max_norm, aggregate_norm_fn=None) -> torch.Tensor:
+    """fairseq's ``utils.clip_grad_norm_`` where each expert counts once in the norm:
+
+        ‖g‖² = Σ_replicated ‖g_p‖² + Σ_workers Σ_local experts ‖g_e‖²
+    """
+    params = [params] if torch.is_tensor(params) else list(params)
+    dense, experts = [], []
+    for p in params:
+        if getattr(p, "grad", None) is not None:
+            (experts if getattr(p, "expert", False) else dense).append(p.grad.detach())
+    device = (dense + experts)[0].device if dense + experts else torch.device("cpu")
+    if _group is not None and dist.get_backend(_group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    def squared_norm(grads):
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for g in grads:
+            total = total + torch.norm(g, p=2, dtype=torch.float32).to(device) ** 2
+        return total
+
+    expert_sq = squared_norm(experts)
+    dist.all_reduce(expert_sq, group=_group)  # every worker calls this, with or without grads
+    total_norm = (squared_norm(dense) + expert_sq).sqrt()
+    if aggregate_norm_fn is not None:
+        total_norm = aggregate_norm_fn(total_norm)
+    if max_norm > 0 and dense + experts:
+        clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp_(max=1)
+        grads = dense + experts
+        torch._foreach_mul_(grads, clip_coef.to(grads[0].device))
+    return total_norm
+
+
+def install() -> None:
+    """Idempotent; called when the plugin is imported."""
+    from fairseq import checkpoint_utils, utils
+    from fairseq.trainer import Trainer
+
+    if getattr(Trainer, "_smoe_expert_parallel_hooks", False):
+        return
+    Trainer._smoe_expert_parallel_hooks = True
+
+    should_save = Trainer.should_save_checkpoint_on_current_rank
+    suffix = Trainer.checkpoint_suffix
+    state_dict = Trainer.state_dict
+    load_checkpoint = Trainer.load_checkpoint
+
+    def should_save_checkpoint_on_current_rank(self):
+        return _is_sharded(self._model) or should_save.fget(self)
+
+    def checkpoint_suffix(self):
+        own = suffix.fget(self)
+        if _is_sharded(self._model):
+            own = own + shard_suffix(self.data_parallel_rank)
+        return own
+
+    def trainer_state_dict(self):
+        state = state_dict(self)
+        if _is_sharded(self._model):
+            state[SHARD_META_KEY] = current_plan()
+        return state
+
+    def trainer_load_checkpoint(self, filename, *args, **kwargs):
+        if _is_sharded(self._model):
+            from omegaconf import open_dict
+
+            # Every worker reads what it needs (its own experts), instead of worker 0's
+            # state being broadcast to all.
+            with open_dict(self.cfg.checkpoint):
+                self.cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
+            filename = base_path(filename)
+        return load_checkpoint(self, filename, *args, **kwargs)
+
+    Trainer.should_save_checkpoint_on_current_rank = property(should_save_checkpoint_on_current_rank)
+    Trainer.checkpoint_suffix = property(checkpoint_suffix)
+    Trainer.state_dict = trainer_state_dict
+    Trainer.load_checkpoint = trainer_load_checkpoint
+
+    load_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
+
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        def load_one(p):
+            return load_to_cpu(p, arg_overrides, load_on_all_ranks)
+
+        return load_for_this_process(path, load_one, current_plan())
+
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+    clip = utils.clip_grad_norm_
+
+    def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None):
+        if _active_model() is None:
+            return clip(params, max_norm, aggregate_norm_fn)
+        return clip_grad_norm_with_sharded_experts(params, max_norm, aggregate_norm_fn)
+
+    utils.clip_grad_norm_ = clip_grad_norm_
