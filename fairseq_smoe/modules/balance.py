@@ -17,7 +17,8 @@ def cv_squared(values_E: torch.Tensor) -> torch.Tensor:
     pass their [groups, experts_per_group] grid: the loss is over all cells, App. B).
     One value gives 0, as in the reference code.
     """
-    values = values_E.reshape(-1).float()
+    values = values_E.reshape(-1)
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
     if values.numel() <= 1:
         return values.sum() * 0.0
     mean = values.mean()

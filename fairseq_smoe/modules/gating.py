@@ -55,6 +55,11 @@ class GateOutput:
     num_rows: int  # real (non-padding) rows: |X|
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Gate math runs in float32 for half-precision inputs (softmax, Φ), float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _num_real_rows(valid_T: Optional[torch.Tensor], num_rows: int) -> int:
     return num_rows if valid_T is None else int(valid_T.sum())
 
@@ -90,9 +95,9 @@ class NoisyTopKGate(nn.Module):
         if self.noisy:
             # One matmul for both projections: x·[W_g | W_noise].
             both_T2E = x_TD @ torch.cat([self.w_gate, self.w_noise], dim=1)
-            clean_TE, raw_noise_TE = both_T2E.float().split(E, dim=1)
+            clean_TE, raw_noise_TE = _at_least_fp32(both_T2E).split(E, dim=1)
         else:
-            clean_TE, raw_noise_TE = (x_TD @ self.w_gate).float(), None
+            clean_TE, raw_noise_TE = _at_least_fp32(x_TD @ self.w_gate), None
 
         add_noise = self.training and self.noisy
         if add_noise:
@@ -140,7 +145,7 @@ class SoftmaxGate(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
         E, T = self.num_experts, x_TD.shape[0]
-        gate_TE = torch.softmax((x_TD @ self.w_gate).float(), dim=-1)
+        gate_TE = torch.softmax(_at_least_fp32(x_TD @ self.w_gate), dim=-1)
         expert_TE = torch.arange(E, device=x_TD.device).expand(T, E)
         if valid_T is not None:
             gate_TE = gate_TE * valid_T[:, None]
@@ -217,8 +222,8 @@ class BatchwiseGate(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
         E, T = self.num_experts, x_TD.shape[0]
-        probs_TE = torch.softmax((x_TD @ self.w_gate).float(), dim=-1)  # G_σ(x)
-        thresholds_E = self.thresholds.float()
+        probs_TE = torch.softmax(_at_least_fp32(x_TD @ self.w_gate), dim=-1)  # G_σ(x)
+        thresholds_E = _at_least_fp32(self.thresholds)
         mask_threshold_TE = threshold_mask(probs_TE, thresholds_E)
         if valid_T is not None:
             mask_threshold_TE = mask_threshold_TE & valid_T[:, None]

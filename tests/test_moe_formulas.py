@@ -1,0 +1,173 @@
+"""Each formula of PAPER.md §1 on small hand-made tensors, with the expected values worked out
+by hand in the comments."""
+
+import math
+
+import pytest
+import torch
+
+from fairseq_smoe.modules import MoELayer, cv_squared, smooth_load
+from fairseq_smoe.modules.balance import coefficient_of_variation, max_over_mean
+from fairseq_smoe.modules.gating import (
+    BatchwiseGate,
+    NoisyTopKGate,
+    batchwise_capacity,
+    batchwise_mask,
+    batchwise_threshold_loss,
+    threshold_mask,
+)
+
+
+def phi(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def test_cv_squared_uses_population_variance():
+    # [1, 3]: mean 2, population variance 1 → CV² = 1/4 (the sample variance would give 1/2).
+    assert cv_squared(torch.tensor([1.0, 3.0])).item() == pytest.approx(0.25)
+    # [0, 2]: mean 1, variance 1 → 1.
+    assert cv_squared(torch.tensor([0.0, 2.0])).item() == pytest.approx(1.0)
+    assert cv_squared(torch.tensor([5.0, 5.0, 5.0])).item() == 0.0
+    # One expert gives 0, all zeros stays finite (the reference code's epsilons).
+    assert cv_squared(torch.tensor([7.0])).item() == 0.0
+    assert cv_squared(torch.zeros(4)).item() == 0.0
+    # A grid (hierarchical) is one population of cells.
+    assert cv_squared(torch.tensor([[1.0, 3.0], [1.0, 3.0]])).item() == pytest.approx(0.25)
+    assert coefficient_of_variation(torch.tensor([1.0, 3.0])) == pytest.approx(0.5)
+    assert max_over_mean(torch.tensor([1.0, 3.0])) == pytest.approx(1.5)
+
+
+def _gate_with_logits(clean_logits_E, k, noisy=False):
+    """A gate whose clean logits x·W_g equal ``clean_logits_E`` for x = e_0 (first unit vector)."""
+    E = len(clean_logits_E)
+    gate = NoisyTopKGate(2, E, k, noisy=noisy)
+    with torch.no_grad():
+        gate.w_gate[0] = torch.tensor(clean_logits_E)
+    return gate, torch.tensor([[1.0, 0.0]])
+
+
+def test_top_k_gate_values_are_softmax_over_the_kept_logits():
+    # Logits [2, 1, 0, -1], k = 2: keep experts 0 and 1, G = softmax([2, 1]) = [e/(e+1), 1/(e+1)].
+    gate, x = _gate_with_logits([2.0, 1.0, 0.0, -1.0], k=2)
+    out = gate.eval()(x)
+    dense = torch.zeros(4).index_add(0, out.expert_A, out.gate_A)
+    e = math.e
+    assert dense.tolist() == pytest.approx([e / (e + 1), 1 / (e + 1), 0.0, 0.0])
+    assert out.counts_E.tolist() == [1, 1, 0, 0]
+    assert out.load_E.tolist() == [1.0, 1.0, 0.0, 0.0]  # no noise: hard counts
+
+
+def test_k_equal_one_gives_gate_one():
+    gate, x = _gate_with_logits([0.3, 0.9, -2.0], k=1)
+    out = gate.eval()(x)
+    assert out.expert_A.tolist() == [1] and out.gate_A.tolist() == [1.0]
+
+
+def test_noise_is_drawn_only_in_training_with_softplus_std_plus_epsilon():
+    gate, x = _gate_with_logits([0.0, 0.0, 0.0], k=1, noisy=True)
+    with torch.no_grad():
+        gate.w_noise[0] = torch.tensor([0.5, -1.0, 2.0])
+    torch.manual_seed(7)
+    noise = torch.randn(1, 3)
+    std = torch.nn.functional.softplus(torch.tensor([0.5, -1.0, 2.0])) + 1e-2
+    expected_expert = int((noise[0] * std).argmax())
+    torch.manual_seed(7)
+    assert gate.train()(x).expert_A.tolist() == [expected_expert]
+    # In eval the logits are all 0: deterministic, no randomness consumed.
+    state = torch.get_rng_state()
+    gate.eval()(x)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_smooth_load_thresholds_come_from_the_noisy_logits():
+    # One token, 3 experts, k = 1. Clean logits [1, 0, 0], noisy [1.5, 0.2, -0.3], std 1.
+    # Expert 0 is in the top 1: threshold = the 2nd largest noisy logit overall = 0.2 → Φ(1 − 0.2).
+    # Experts 1, 2 are out: threshold = the largest noisy logit = 1.5 → Φ(0 − 1.5).
+    clean = torch.tensor([[1.0, 0.0, 0.0]])
+    noisy = torch.tensor([[1.5, 0.2, -0.3]])
+    std = torch.ones(1, 3)
+    top = noisy.topk(2, dim=-1).values
+    P = smooth_load(clean, noisy, std, top, k=1)
+    assert P[0].tolist() == pytest.approx([phi(0.8), phi(-1.5), phi(-1.5)], abs=1e-6)
+
+
+def test_smooth_load_with_k_two_and_unequal_std():
+    # k = 2, noisy [3, 1, 2, 0]: top-2 = {0, 2}; the 3rd largest is 1, the 2nd largest is 2.
+    # In experts (0, 2) use threshold 1, out experts (1, 3) use threshold 2.
+    clean = torch.tensor([[2.5, 0.5, 1.0, -1.0]])
+    noisy = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    std = torch.tensor([[0.5, 1.0, 2.0, 4.0]])
+    P = smooth_load(clean, noisy, std, noisy.topk(3, dim=-1).values, k=2)
+    expected = [phi((2.5 - 1) / 0.5), phi((0.5 - 2) / 1.0), phi((1.0 - 1) / 2.0), phi((-1.0 - 2) / 4.0)]
+    assert P[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_batchwise_capacity_rounding():
+    assert batchwise_capacity(k=2, num_rows=60, num_experts=6) == 20
+    assert batchwise_capacity(k=2, num_rows=7, num_experts=3) == 5  # 4.67 rounds to 5
+    assert batchwise_capacity(k=1, num_rows=3, num_experts=8) == 1  # at least one row each
+    assert batchwise_capacity(k=4, num_rows=3, num_experts=2) == 3  # at most every row
+    assert batchwise_capacity(k=4, num_rows=0, num_experts=2) == 0
+
+
+def test_batchwise_and_threshold_masks_and_loss():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    # m = 1: each column keeps its largest row: col 0 → row 0, col 1 → row 1, col 2 → row 1.
+    mask, rows = batchwise_mask(probs, 1)
+    assert mask.int().tolist() == [[1, 0, 0], [0, 1, 1]]
+    assert rows.tolist() == [[0, 1, 1]]
+    thresholds = torch.tensor([0.4, 0.4, 0.25])
+    t_mask = threshold_mask(probs, thresholds)
+    assert t_mask.int().tolist() == [[1, 0, 0], [0, 1, 1]]
+    assert batchwise_threshold_loss(probs, thresholds, t_mask, mask).item() == 0.0  # masks agree
+    # Lower T_0 to 0.05: row 1 passes it although the batchwise mask says no.
+    # Term (1 − 0)·(0.1 − 0.05) = 0.05, averaged over the 2 rows → 0.025.
+    thresholds = torch.tensor([0.05, 0.4, 0.25], requires_grad=True)
+    t_mask = threshold_mask(probs, thresholds)
+    loss = batchwise_threshold_loss(probs, thresholds, t_mask, mask)
+    assert loss.item() == pytest.approx(0.025)
+    loss.backward()
+    # Only T gets gradient: −(M_thr − M_bw) summed over rows / 2 → T_0 is pushed up.
+    assert thresholds.grad.tolist() == pytest.approx([-0.5, 0.0, 0.0])
+    # Raise T_1 to 0.7: row 1 misses it although chosen: term (0 − 1)·(0.6 − 0.7) = 0.1 ≥ 0.
+    thresholds = torch.tensor([0.4, 0.7, 0.25])
+    loss = batchwise_threshold_loss(probs, thresholds, threshold_mask(probs, thresholds), mask)
+    assert loss.item() == pytest.approx(0.05)
+
+
+def test_batchwise_gate_normalises_over_the_mask_and_uses_thresholds_in_eval():
+    gate = BatchwiseGate(2, 3, k=1)
+    with torch.no_grad():
+        gate.w_gate.zero_()
+        gate.w_gate[0] = torch.tensor([1.0, 0.0, -1.0])
+        gate.thresholds.copy_(torch.tensor([0.5, 0.2, 0.5]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    probs = torch.softmax(torch.tensor([1.0, 0.0, -1.0]), -1).tolist()  # row 0; row 1 is 1/3 each
+    out = gate.eval()(x)
+    G = torch.zeros(2, 3).index_put((out.row_A, out.expert_A), out.gate_A)
+    # Row 0: probs ≈ [0.665, 0.245, 0.090] → passes T_0 and T_1 → renormalised over those two.
+    kept = probs[0] + probs[1]
+    assert G[0].tolist() == pytest.approx([probs[0] / kept, probs[1] / kept, 0])
+    # Row 1: 1/3 passes only T_1 = 0.2 → gate 1 on expert 1.
+    assert G[1].tolist() == pytest.approx([0.0, 1.0, 0.0])
+    # Training with m = round(1·2/3) = 1: column-wise top-1.
+    out = gate.train()(x)
+    assert out.counts_E.tolist() == [1, 1, 1]
+    assert out.aux_loss.item() >= 0
+
+
+def test_importance_is_the_sum_of_gates_and_padding_is_not_counted():
+    layer = MoELayer(4, 4, num_experts=3, hidden_dim=5, k=2, gating="top_k").eval()
+    with torch.no_grad():
+        layer.gate.w_gate.copy_(torch.randn(4, 3))
+    x = torch.randn(2, 3, 4)
+    pad = torch.tensor([[False, False, True], [False, True, True]])
+    _, stats = layer(x, pad)
+    G_real = []
+    for t in x[~pad]:
+        logits = t @ layer.gate.w_gate
+        top = logits.topk(2)
+        G_real.append(torch.zeros(3).index_put((top.indices,), torch.softmax(top.values, -1)))
+    assert stats.importance.tolist() == pytest.approx(torch.stack(G_real).sum(0).tolist(), abs=1e-6)
+    assert stats.counts.sum().item() == 3 * 2  # 3 real tokens × k
+    assert stats.num_tokens.item() == 3
