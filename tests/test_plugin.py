@@ -1,0 +1,56 @@
+"""The plugin imports cleanly in every fairseq CLI and makes fairseq checkpoints loadable under
+torch >= 2.6 without environment variables."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+BIN = os.path.dirname(sys.executable)
+USER_DIR = os.path.join(ROOT, "fairseq_smoe")
+
+
+def clean_env():
+    env = dict(os.environ)
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    env.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+    return env
+
+
+@pytest.mark.parametrize("cli", ["fairseq-train", "fairseq-generate", "fairseq-eval-lm",
+                                 "fairseq-interactive"])
+def test_user_dir_imports_in_every_cli(cli, tmp_path):
+    result = subprocess.run([os.path.join(BIN, cli), "--user-dir", USER_DIR, "--help"],
+                            capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "smoe_cross_entropy" in result.stdout  # our criteria are registered
+    assert "Traceback" not in result.stderr
+
+
+def test_trusted_checkpoint_loading_is_limited_to_fairseq_checkpoint_utils(tmp_path):
+    from fairseq import checkpoint_utils
+    from omegaconf import OmegaConf
+
+    import fairseq_smoe  # noqa: F401  (installs the loader)
+
+    path = str(tmp_path / "checkpoint.pt")
+    state = {
+        "args": None,
+        "cfg": OmegaConf.create({"model": {"arch": "x"}}),
+        "model": {"w": torch.ones(2)},
+        "optimizer_history": [{"criterion_name": "SMoECrossEntropyCriterion",
+                               "optimizer_name": "Adam", "lr_scheduler_state": {"best": 1.0},
+                               "num_updates": 3}],
+        "extra_state": {"epoch": 1},
+    }
+    torch.save(state, path)
+    # torch's safe default still refuses the pickled config everywhere else...
+    with pytest.raises(Exception, match="weights_only"):
+        torch.load(path)
+    # ...while fairseq's loader, which reads the checkpoints users name, loads it.
+    loaded = checkpoint_utils.load_checkpoint_to_cpu(path)
+    assert loaded["model"]["w"].tolist() == [1.0, 1.0]
+    assert loaded["cfg"].model.arch == "x"
