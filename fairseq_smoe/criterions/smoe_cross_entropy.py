@@ -117,14 +117,21 @@ class SMoECrossEntropyCriterion(FairseqCriterion):
         return loss, nll_loss
 
     def _adaptive_softmax_nll(self, adaptive_softmax, net_output, target, reduce):
+        if not reduce:  # per-token NLL: gather each target's log-probability
+            lprobs = adaptive_softmax.get_log_prob(net_output[0], target.view(1, -1))
+            nll = -lprobs.view(-1, lprobs.size(-1)).gather(1, target.view(-1, 1)).squeeze(1)
+            nll = nll.masked_fill(target.eq(self.padding_idx), 0.0)
+            return nll, nll
         logits, targets = adaptive_softmax(net_output[0], target)
-        loss = net_output[0].new_zeros(1 if reduce else target.numel())
-        for cluster_logits, cluster_target in zip(logits, targets):
+        loss = net_output[0].new_zeros(())
+        for cluster, (cluster_logits, cluster_target) in enumerate(zip(logits, targets)):
             if cluster_target is not None:
+                # Padding is always in the head (pad < cutoff[0]). A tail cluster's targets are
+                # offsets into that cluster, and offset == padding_idx is a real word there:
+                # it must not be ignored (fairseq's adaptive_loss drops it).
                 loss = loss + F.cross_entropy(cluster_logits.float(), cluster_target,
-                                              ignore_index=self.padding_idx,
-                                              reduction="sum" if reduce else "none")
-        loss = loss.sum() if reduce else loss
+                                              ignore_index=self.padding_idx if cluster == 0 else -100,
+                                              reduction="sum")
         return loss, loss
 
     @staticmethod

@@ -5,6 +5,7 @@ from .experts import FeedForwardExperts
 from .gating import GATING_MODES, BatchwiseGate, GateOutput, NoisyTopKGate, SoftmaxGate, build_gate
 from .hierarchical_moe import HierarchicalMoELayer
 from .moe_layer import MoELayer, MoELayerBase
+from .projected_lstm import ProjectedLSTM
 from .stats import MoEStats
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "MoELayerBase",
     "MoEStats",
     "NoisyTopKGate",
+    "ProjectedLSTM",
     "SoftmaxGate",
     "build_gate",
     "coefficient_of_variation",
