@@ -19,4 +19,5 @@ else:
 
     distributed.install()  # expert-parallel checkpoints and gradient clipping in fairseq's trainer
     from . import criterions  # noqa: F401  (fairseq's --user-dir imports only models/ and tasks/)
+    from . import lr_scheduler  # noqa: F401
     from . import models  # noqa: F401

@@ -1,0 +1,411 @@
+"""GNMT-style LSTM-MoE translation model (PAPER.md §4; paper §5.3, App. E, App. F, App. G).
+
+    encoder:  embed → LSTM₁ (bidirectional) → LSTM₂ → MoE → LSTM₃
+    decoder:  embed → LSTM₁ → attention(query = LSTM₁ output) → MoE → LSTM₂([x; context]) → softmax
+
+Every LSTM and MoE layer is residual: x + dropout(layer(x)); the MoE output passes through a
+sigmoid first (``ResidualMoE``). LSTMs have ``hidden_size`` units (2048) projected to the model
+size (512), torch's ``nn.LSTM(proj_size=...)``. Dropout is on the embedding, LSTM and MoE outputs.
+
+Choices the paper leaves open (documented in the README):
+    * The first encoder layer is bidirectional (GNMT); each direction has half the units and
+      half the projection, so the layer costs what a unidirectional one does and outputs the
+      model size.
+    * The bottom decoder LSTM sees only the target embeddings (no input feeding). The whole
+      target side therefore runs "convolutionally" in training (§3.1): one cuDNN-style LSTM call
+      per layer, the attention for all steps as matrix products, one MoE call over all
+      positions. The attention context is concatenated to the input of every later decoder LSTM.
+    * The attention query is the bottom layer's residual output; the values are the encoder
+      outputs.
+    * The decoder MoE sits between decoder LSTM₁ and LSTM₂ on the query path; the context
+      joins after it (MoE input and output are the model size, 512, as in the paper).
+
+The MoE statistics go to the criterion as ``extra["moe_stats"] = {"encoder_moe": ...,
+"decoder_moe": ...}``. Under incremental decoding (beam search) each call sees one time step,
+and the decoder MoE routes exactly that step's tokens; in eval both gates are per-token
+deterministic (thresholds for batchwise gating, clean top-k for noisy top-k), so step-by-step
+decoding scores what a full forward scores.
+"""
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.models import (
+    FairseqEncoder,
+    FairseqEncoderDecoderModel,
+    FairseqIncrementalDecoder,
+    register_model,
+    register_model_architecture,
+)
+
+from ..distributed import setup_expert_parallel
+from ..modules.attention import ATTENTION_TYPES, EncoderDecoderAttention
+from ..modules.residual_moe import ResidualMoE
+from ..moe_args import add_moe_args, build_moe_layer, set_moe_defaults
+
+DEFAULT_MAX_POSITIONS = 1024
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def make_lstm(input_size: int, output_size: int, hidden_size: int, flag: str,
+              bidirectional: bool = False) -> nn.LSTM:
+    """One LSTM layer of ``hidden_size`` units (per direction) whose output is ``output_size``
+    (per direction): projected when hidden_size > output_size (LSTM-2048-512), plain when equal."""
+    _check(hidden_size >= output_size,
+           f"{flag} ({hidden_size}) must be at least the model size it projects to ({output_size})")
+    proj_size = output_size if hidden_size > output_size else 0
+    return nn.LSTM(input_size, hidden_size, batch_first=True, proj_size=proj_size,
+                   bidirectional=bidirectional)
+
+
+def run_packed(lstm: nn.LSTM, x_BTD: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+    """Run an LSTM over right-padded sequences, padding excluded (needed for the backward
+    direction of a bidirectional layer). Outputs at padding positions are 0."""
+    packed = nn.utils.rnn.pack_padded_sequence(x_BTD, lengths_B.cpu(), batch_first=True,
+                                               enforce_sorted=False)
+    out, _ = lstm(packed)
+    out_BTD, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x_BTD.shape[1])
+    return out_BTD
+
+
+def make_embedding(num_embeddings: int, dim: int, padding_idx: int) -> nn.Embedding:
+    embedding = nn.Embedding(num_embeddings, dim, padding_idx=padding_idx)
+    nn.init.normal_(embedding.weight, mean=0.0, std=dim**-0.5)
+    nn.init.constant_(embedding.weight[padding_idx], 0.0)
+    return embedding
+
+
+class LSTMMoEEncoder(FairseqEncoder):
+    """``layers`` residual LSTM layers with a residual MoE before the last one (paper: 3 layers,
+    MoE between layers 2 and 3). Output: encoder states [B, S, D], right-padded."""
+
+    def __init__(self, args, dictionary, embed_tokens: nn.Embedding):
+        super().__init__(dictionary)
+        dim = embed_tokens.embedding_dim
+        hidden = args.encoder_hidden_size
+        num_layers = args.encoder_layers
+        _check(num_layers >= 2, f"--encoder-layers must be >= 2 (the MoE sits before the last "
+                                f"layer); got {num_layers}")
+        self.padding_idx = dictionary.pad()
+        self.embed_tokens = embed_tokens
+        self.dropout = nn.Dropout(args.dropout)
+        self.max_source_positions = args.max_source_positions
+        self.bidirectional = bool(args.encoder_bidirectional)
+        layers = []
+        for layer in range(num_layers):
+            if layer == 0 and self.bidirectional:
+                _check(dim % 2 == 0 and hidden % 2 == 0,
+                       f"a bidirectional first encoder layer splits --encoder-embed-dim ({dim}) and "
+                       f"--encoder-hidden-size ({hidden}) between two directions; use even sizes "
+                       f"or --no-encoder-bidirectional")
+                lstm = make_lstm(dim, dim // 2, hidden // 2, "--encoder-hidden-size / 2",
+                                 bidirectional=True)
+            else:
+                lstm = make_lstm(dim, dim, hidden, "--encoder-hidden-size")
+            layers.append(lstm)
+        self.layers = nn.ModuleList(layers)
+        self.moe_position = num_layers - 1  # the MoE runs before this layer
+        moe = build_moe_layer(args, dim)
+        self.moe = ResidualMoE(moe, args.dropout) if moe is not None else None
+
+    def forward(self, src_tokens: torch.Tensor, src_lengths: Optional[torch.Tensor] = None, **kwargs):
+        # Packing wants right padding; fairseq's translation task left-pads sources by default.
+        src_tokens = utils.convert_padding_direction(src_tokens, self.padding_idx, left_to_right=True)
+        padding_mask_BS = src_tokens.eq(self.padding_idx)
+        lengths_B = (~padding_mask_BS).sum(1)
+        x_BSD = self.dropout(self.embed_tokens(src_tokens))
+        moe_stats = {}
+        for index, lstm in enumerate(self.layers):
+            if index == self.moe_position and self.moe is not None:
+                # All positions of all sentences in one MoE call (§3.1).
+                x_BSD, moe_stats["encoder_moe"] = self.moe(x_BSD, padding_mask_BS)
+            x_BSD = x_BSD + self.dropout(run_packed(lstm, x_BSD, lengths_B))
+        x_BSD = x_BSD.masked_fill(padding_mask_BS.unsqueeze(-1), 0.0)
+        return {
+            "encoder_out": x_BSD,  # [B, S, D]
+            "encoder_padding_mask": padding_mask_BS,  # [B, S], True = padding
+            "moe_stats": moe_stats,  # per batch, not per sentence: never reordered
+        }
+
+    def reorder_encoder_out(self, encoder_out: Dict, new_order: torch.Tensor) -> Dict:
+        return {
+            "encoder_out": encoder_out["encoder_out"].index_select(0, new_order),
+            "encoder_padding_mask": encoder_out["encoder_padding_mask"].index_select(0, new_order),
+            "moe_stats": encoder_out["moe_stats"],
+        }
+
+    def max_positions(self) -> int:
+        return self.max_source_positions
+
+
+class LSTMMoEDecoder(FairseqIncrementalDecoder):
+    """``layers`` residual LSTM layers; the first produces the attention query, a residual MoE
+    follows it, and the attention context is fed to every later layer (paper: 2 layers)."""
+
+    def __init__(self, args, dictionary, embed_tokens: nn.Embedding, encoder_dim: int):
+        super().__init__(dictionary)
+        dim = embed_tokens.embedding_dim
+        hidden = args.decoder_hidden_size
+        num_layers = args.decoder_layers
+        _check(num_layers >= 2, f"--decoder-layers must be >= 2 (the MoE sits after the first "
+                                f"layer); got {num_layers}")
+        self.padding_idx = dictionary.pad()
+        self.embed_tokens = embed_tokens
+        self.dropout = nn.Dropout(args.dropout)
+        self.max_target_positions = args.max_target_positions
+        self.layers = nn.ModuleList(
+            make_lstm(dim if layer == 0 else dim + encoder_dim, dim, hidden, "--decoder-hidden-size")
+            for layer in range(num_layers)
+        )
+        self.attention = EncoderDecoderAttention(dim, encoder_dim, args.attention_dim,
+                                                 args.attention_type)
+        moe = build_moe_layer(args, dim)
+        self.moe = ResidualMoE(moe, args.dropout) if moe is not None else None
+        self.share_input_output_embed = bool(args.share_decoder_input_output_embed)
+        if self.share_input_output_embed:
+            self.output_projection = None
+        else:
+            self.output_projection = nn.Linear(dim, len(dictionary), bias=False)
+            nn.init.normal_(self.output_projection.weight, mean=0.0, std=dim**-0.5)
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None,
+                features_only: bool = False, **kwargs):
+        x, extra = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
+        if not features_only:
+            x = self.output_layer(x)
+        return x, extra
+
+    def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        if encoder_out is None:
+            raise ValueError("the lstm_moe_nmt decoder needs the encoder output (it attends over it)")
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]  # one step; the rest is in the cache
+        cache = self.get_incremental_state(incremental_state, "cache") if incremental_state is not None \
+            else None
+        values_BSK = encoder_out["encoder_out"]
+        source_padding_BS = encoder_out["encoder_padding_mask"]
+        padding_mask_BT = prev_output_tokens.eq(self.padding_idx)
+
+        new_cache: Dict[str, Optional[torch.Tensor]] = {}
+        if cache is not None and cache.get("keys") is not None:
+            keys_BSA = cache["keys"]
+        else:
+            keys_BSA = self.attention.project_keys(values_BSK)
+        new_cache["keys"] = keys_BSA
+
+        def step_state(index):
+            if cache is None or cache.get(f"h{index}") is None:
+                return None
+            return cache[f"h{index}"], cache[f"c{index}"]
+
+        x_BTD = self.dropout(self.embed_tokens(prev_output_tokens))
+        out_BTD, (new_cache["h0"], new_cache["c0"]) = self.layers[0](x_BTD, step_state(0))
+        x_BTD = x_BTD + self.dropout(out_BTD)
+        # The bottom layer's output is the attention query (GNMT, §5.3).
+        context_BTK, attn_BTS = self.attention(x_BTD, values_BSK, source_padding_BS, keys_BSA)
+        moe_stats = dict(encoder_out.get("moe_stats") or {})
+        if self.moe is not None:
+            x_BTD, moe_stats["decoder_moe"] = self.moe(x_BTD, padding_mask_BT)
+        for index in range(1, len(self.layers)):
+            out_BTD, (new_cache[f"h{index}"], new_cache[f"c{index}"]) = self.layers[index](
+                torch.cat([x_BTD, context_BTK], dim=-1), step_state(index))
+            x_BTD = x_BTD + self.dropout(out_BTD)
+        if incremental_state is not None:
+            self.set_incremental_state(incremental_state, "cache", new_cache)
+        return x_BTD, {"attn": [attn_BTS], "moe_stats": moe_stats}
+
+    def output_layer(self, features_BTD):
+        weight = self.embed_tokens.weight if self.output_projection is None \
+            else self.output_projection.weight
+        return F.linear(features_BTD, weight)
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        cache = self.get_incremental_state(incremental_state, "cache")
+        if cache is None:
+            return
+        reordered = {}
+        for name, tensor in cache.items():
+            if tensor is None:
+                reordered[name] = None
+            elif name == "keys":
+                reordered[name] = tensor.index_select(0, new_order)  # [B, S, A]
+            else:
+                reordered[name] = tensor.index_select(1, new_order)  # LSTM state [L, B, H]
+        self.set_incremental_state(incremental_state, "cache", reordered)
+
+    def max_positions(self) -> int:
+        return self.max_target_positions
+
+
+@register_model("lstm_moe_nmt")
+class LSTMMoETranslationModel(FairseqEncoderDecoderModel):
+    """GNMT-style LSTM encoder-decoder with sparsely-gated MoE layers (paper §5.3).
+
+    Presets: ``lstm_moe_nmt`` (= ``lstm_moe_nmt_32``), ``lstm_moe_nmt_baseline`` (no MoE),
+    ``lstm_moe_nmt_512h``, ``lstm_moe_nmt_2048h``, ``lstm_moe_nmt_multilingual``,
+    ``lstm_moe_nmt_tiny`` and ``lstm_moe_nmt_tiny_h`` (tests)."""
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--dropout", type=float, metavar="D",
+                            help="dropout on the embedding, LSTM and MoE outputs (paper: 0.4)")
+        parser.add_argument("--encoder-embed-dim", type=int, metavar="N",
+                            help="encoder embedding and layer size (paper: 512)")
+        parser.add_argument("--encoder-hidden-size", type=int, metavar="N",
+                            help="LSTM units per encoder layer, projected to the embed dim (2048)")
+        parser.add_argument("--encoder-layers", type=int, metavar="N",
+                            help="encoder LSTM layers; the MoE sits before the last (paper: 3)")
+        parser.add_argument("--encoder-bidirectional", dest="encoder_bidirectional",
+                            action="store_true", default=None,
+                            help="make the first encoder layer bidirectional (GNMT; the default)")
+        parser.add_argument("--no-encoder-bidirectional", dest="encoder_bidirectional",
+                            action="store_false", help="all encoder layers unidirectional")
+        parser.add_argument("--decoder-embed-dim", type=int, metavar="N",
+                            help="decoder embedding and layer size (paper: 512)")
+        parser.add_argument("--decoder-hidden-size", type=int, metavar="N",
+                            help="LSTM units per decoder layer, projected to the embed dim (2048)")
+        parser.add_argument("--decoder-layers", type=int, metavar="N",
+                            help="decoder LSTM layers; the MoE sits after the first (paper: 2)")
+        parser.add_argument("--attention-type", choices=ATTENTION_TYPES,
+                            help="separable: Σ V tanh(xU) tanh(yW) (App. G); additive: "
+                                 "Σ V tanh(xU + yW) (GNMT)")
+        parser.add_argument("--attention-dim", type=int, metavar="N",
+                            help="size of the attention projections U, W, V")
+        parser.add_argument("--share-decoder-input-output-embed", action="store_true", default=None,
+                            help="tie the decoder's input embedding and output projection")
+        parser.add_argument("--share-all-embeddings", action="store_true", default=None,
+                            help="one embedding for encoder, decoder input and output (needs "
+                                 "fairseq-preprocess --joined-dictionary)")
+        parser.add_argument("--max-source-positions", type=int, metavar="N")
+        parser.add_argument("--max-target-positions", type=int, metavar="N")
+        add_moe_args(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        base_architecture(args)
+        src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+        if args.share_all_embeddings:
+            if src_dict != tgt_dict:
+                raise ValueError("--share-all-embeddings needs one dictionary for both languages: "
+                                 "run fairseq-preprocess with --joined-dictionary")
+            if args.encoder_embed_dim != args.decoder_embed_dim:
+                raise ValueError("--share-all-embeddings needs --encoder-embed-dim == "
+                                 "--decoder-embed-dim")
+            args.share_decoder_input_output_embed = True
+        encoder_embed = make_embedding(len(src_dict), args.encoder_embed_dim, src_dict.pad())
+        decoder_embed = encoder_embed if args.share_all_embeddings else make_embedding(
+            len(tgt_dict), args.decoder_embed_dim, tgt_dict.pad())
+        encoder = LSTMMoEEncoder(args, src_dict, encoder_embed)
+        decoder = LSTMMoEDecoder(args, tgt_dict, decoder_embed, args.encoder_embed_dim)
+        return setup_expert_parallel(cls(encoder, decoder), args)
+
+
+def count_parameters(args, src_vocab_size: int, tgt_vocab_size: int) -> int:
+    """Parameters of the model that ``args`` (after an architecture function) describe, counted
+    on the meta device: nothing is allocated, so the 8.7B-parameter MoE-2048-h counts in seconds."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from fairseq.data import Dictionary
+
+    def dictionary(size):
+        d = Dictionary()
+        while len(d) < size:
+            d.add_symbol(f"w{len(d)}")
+        return d
+
+    src_dict = dictionary(src_vocab_size)
+    tgt_dict = src_dict if getattr(args, "share_all_embeddings", False) else dictionary(tgt_vocab_size)
+    task = SimpleNamespace(source_dictionary=src_dict, target_dictionary=tgt_dict)
+    with torch.device("meta"):
+        model = LSTMMoETranslationModel.build_model(Namespace(**vars(args)), task)
+    return sum(p.numel() for p in model.parameters())
+
+
+def base_architecture(args):
+    """The paper's model dimensions (§5.3) with a flat 32-expert MoE (k = 4) and strictly
+    balanced gating (App. F); the other presets change the MoE."""
+    args.dropout = getattr(args, "dropout", None) if getattr(args, "dropout", None) is not None else 0.4
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", None) or 512
+    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", None) or 2048
+    args.encoder_layers = getattr(args, "encoder_layers", None) or 3
+    if getattr(args, "encoder_bidirectional", None) is None:
+        args.encoder_bidirectional = True
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", None) or args.encoder_embed_dim
+    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", None) or args.encoder_hidden_size
+    args.decoder_layers = getattr(args, "decoder_layers", None) or 2
+    args.attention_type = getattr(args, "attention_type", None) or "separable"
+    args.attention_dim = getattr(args, "attention_dim", None) or args.decoder_embed_dim
+    args.share_decoder_input_output_embed = bool(getattr(args, "share_decoder_input_output_embed", None))
+    args.share_all_embeddings = bool(getattr(args, "share_all_embeddings", None))
+    args.max_source_positions = getattr(args, "max_source_positions", None) or DEFAULT_MAX_POSITIONS
+    args.max_target_positions = getattr(args, "max_target_positions", None) or DEFAULT_MAX_POSITIONS
+    set_moe_defaults(args, num_experts=32, groups=0, k=4, hidden_dim=2048, gating="batchwise",
+                     w_importance=0.01, w_load=0.01)
+
+
+register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt")(base_architecture)
+
+
+@register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt_32")
+def lstm_moe_nmt_32(args):
+    """MoE-32: flat, 32 experts, k = 4 (§5.3)."""
+    base_architecture(args)
+
+
+@register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt_baseline")
+def lstm_moe_nmt_baseline(args):
+    """The same LSTMs and attention without MoE layers."""
+    args.moe_num_experts = getattr(args, "moe_num_experts", None) or 0
+    base_architecture(args)
+
+
+@register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt_512h")
+def lstm_moe_nmt_512h(args):
+    """MoE-512-h: hierarchical, 16 groups × 32 experts, k = 2 per level (App. E)."""
+    set_moe_defaults(args, num_experts=512, groups=16, k=2, hidden_dim=2048, gating="batchwise",
+                     w_importance=0.01, w_load=0.01)
+    base_architecture(args)
+
+
+@register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt_2048h")
+def lstm_moe_nmt_2048h(args):
+    """MoE-2048-h: hierarchical, 16 groups × 128 experts, k = 2 per level (App. E)."""
+    set_moe_defaults(args, num_experts=2048, groups=16, k=2, hidden_dim=2048, gating="batchwise",
+                     w_importance=0.01, w_load=0.01)
+    base_architecture(args)
+
+
+@register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt_multilingual")
+def lstm_moe_nmt_multilingual(args):
+    """Multilingual model (§5.4): flat 512 experts, k = 2, expert hidden 8192, noisy top-k."""
+    set_moe_defaults(args, num_experts=512, groups=0, k=2, hidden_dim=8192, gating="noisy_top_k",
+                     w_importance=0.01, w_load=0.01)
+    base_architecture(args)
+
+
+@register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt_tiny")
+def lstm_moe_nmt_tiny(args):
+    """A few thousand parameters, for tests: 4 experts, k = 2, batchwise gating."""
+    args.dropout = 0.1 if getattr(args, "dropout", None) is None else args.dropout
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", None) or 32
+    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", None) or 64
+    args.attention_dim = getattr(args, "attention_dim", None) or 32
+    set_moe_defaults(args, num_experts=4, groups=0, k=2, hidden_dim=64, gating="batchwise",
+                     w_importance=0.01, w_load=0.01)
+    base_architecture(args)
+
+
+@register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt_tiny_h")
+def lstm_moe_nmt_tiny_h(args):
+    """The tiny model with a hierarchical MoE: 2 groups × 4 experts, k = 2 per level."""
+    set_moe_defaults(args, num_experts=8, groups=2, k=2, hidden_dim=64, gating="batchwise",
+                     w_importance=0.01, w_load=0.01)
+    lstm_moe_nmt_tiny(args)
