@@ -91,6 +91,7 @@ class SMoECrossEntropyCriterion(FairseqCriterion):
         if reduce:
             logging_output["moe_loss"] = moe_total.detach() * sample_size
             loss = loss + moe_total * sample_size
+            logging_output["loss"] = loss.data  # the optimised loss: CE + balance losses
         return loss, sample_size, logging_output
 
     def compute_task_loss(self, model, net_output, sample, reduce=True):
