@@ -64,14 +64,15 @@ def lm_costs(args) -> Dict[str, float]:
         params += n * expert["params"]
         biases += n * expert["biases"]
         ops += per_token * expert["ops"]
-    return {"params": params, "params_with_biases": params + biases, "ops": ops, "gate_ops": gate_ops, "total_experts": n,
-            "experts_per_token": per_token}
+    return {"params": params, "params_with_biases": params + biases, "ops": ops,
+            "gate_ops": gate_ops, "total_experts": n, "experts_per_token": per_token}
 
 
 def preset_table() -> str:
     """Markdown table of every registered lstm_moe_lm architecture."""
-    import fairseq_smoe  # noqa: F401  (registers the architectures)
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY
+
+    import fairseq_smoe  # noqa: F401  (registers the architectures)
 
     rows = ["| `--arch` | experts (groups) | k | expert hidden | LSTMs below+above MoE × units | "
             "params (M) | ops/timestep (M) |",
