@@ -15,6 +15,9 @@ else:
     from . import checkpoint_compat
 
     checkpoint_compat.install()
+    from . import numpy_compat
+
+    numpy_compat.install()  # fairseq's np.compat.long under NumPy 2
     from . import distributed
 
     distributed.install()  # expert-parallel checkpoints and gradient clipping in fairseq's trainer
