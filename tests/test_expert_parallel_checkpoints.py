@@ -1,0 +1,150 @@
+"""Per-worker checkpoint files: merge, reshard, file naming, errors (no processes needed)."""
+
+import importlib.util
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from fairseq_smoe.distributed.checkpoints import (
+    SHARD_META_KEY,
+    base_path,
+    load_for_this_process,
+    merge_expert_shards,
+    select_expert_shard,
+    shard_path,
+)
+from fairseq_smoe.distributed.expert_parallel import check_shardable, expert_range
+from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"dec.moe.experts.weights.0": 8, "dec.moe.experts.biases.0": 8}
+SLOTS = {1: 8, 2: 8}
+
+
+def full_state():
+    """A fairseq-like checkpoint with 8 experts: model, Adam-like optimizer state, progress."""
+    torch.manual_seed(0)
+    model = OrderedDict([("dec.embed.weight", torch.randn(5, 3)),
+                         ("dec.moe.experts.weights.0", torch.randn(8, 3, 4)),
+                         ("dec.moe.experts.biases.0", torch.randn(8, 4))])
+    state = {0: {"step": 3, "exp_avg": torch.randn(5, 3), "exp_avg_sq": torch.rand(5, 3)}}
+    for index, key in ((1, "dec.moe.experts.weights.0"), (2, "dec.moe.experts.biases.0")):
+        state[index] = {"step": 3, "exp_avg": torch.randn_like(model[key]),
+                        "exp_avg_sq": torch.rand_like(model[key])}
+    return {"model": model, "last_optimizer_state": {"state": state, "param_groups": [{"params": [0, 1, 2]}]},
+            "optimizer_history": [{"num_updates": 3}],
+            "extra_state": {"train_iterator": {"epoch": 1, "iterations_in_epoch": 6}}}
+
+
+def plan(rank, world):
+    return {"world_size": world, "rank": rank, "model_keys": dict(KEYS), "optimizer_slots": dict(SLOTS)}
+
+
+def assert_states_equal(a, b):
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    for index, entry in a["last_optimizer_state"]["state"].items():
+        for name, value in entry.items():
+            other = b["last_optimizer_state"]["state"][index][name]
+            if torch.is_tensor(value):
+                torch.testing.assert_close(value, other, rtol=0, atol=0)
+            else:
+                assert value == other
+
+
+def test_shard_then_merge_is_identity():
+    full = full_state()
+    shards = [select_expert_shard(full, plan(r, 2)) for r in range(2)]
+    assert shards[1]["model"]["dec.moe.experts.weights.0"].shape[0] == 4
+    torch.testing.assert_close(shards[1]["model"]["dec.moe.experts.weights.0"],
+                               full["model"]["dec.moe.experts.weights.0"][4:])
+    assert shards[1]["last_optimizer_state"]["state"][1]["exp_avg"].shape[0] == 4
+    assert shards[1]["last_optimizer_state"]["state"][0]["exp_avg"].shape[0] == 5  # replicated
+    merged = merge_expert_shards(shards)
+    assert SHARD_META_KEY not in merged
+    assert_states_equal(merged, full)
+
+
+def write_run(tmp_path, world):
+    full = full_state()
+    base = str(tmp_path / "checkpoint_last.pt")
+    for rank in range(world):
+        torch.save(select_expert_shard(full, plan(rank, world)), shard_path(base, rank))
+    return full, base
+
+
+def load(path):
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("saved, loading", [(2, None), (2, 2), (2, 4), (4, 2), (4, 1), (2, 8)])
+def test_load_for_any_number_of_workers(tmp_path, saved, loading):
+    full, base = write_run(tmp_path, saved)
+    for rank in range(loading or 1):
+        target = plan(rank, loading) if loading else None
+        # each worker may be handed its own suffixed name (fairseq's checkpoint_suffix)
+        got = load_for_this_process(shard_path(base, rank if loading == saved else 0), load, target)
+        expected = full if target is None else select_expert_shard(full, target)
+        assert_states_equal(got, expected)
+
+
+def test_full_checkpoint_is_cut_for_sharded_workers(tmp_path):
+    full = full_state()
+    path = str(tmp_path / "model.pt")
+    torch.save(full, path)
+    got = load_for_this_process(path, load, plan(1, 2))
+    torch.testing.assert_close(got["model"]["dec.moe.experts.biases.0"],
+                               full["model"]["dec.moe.experts.biases.0"][4:])
+    assert load_for_this_process(path, load, None)["model"].keys() == full["model"].keys()
+
+
+def test_missing_or_mismatched_shards_are_clear_errors(tmp_path):
+    full, base = write_run(tmp_path, 2)
+    other = select_expert_shard(full, plan(1, 2))
+    other["optimizer_history"] = [{"num_updates": 9}]
+    torch.save(other, shard_path(base, 1))
+    with pytest.raises(ValueError, match="different saves"):
+        load_for_this_process(base, load, None)
+    os.remove(shard_path(base, 1))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint_last-expert-shard1\.pt"):
+        load_for_this_process(base, load, None)
+
+
+def test_file_names():
+    assert shard_path("d/checkpoint_best.pt", 0) == "d/checkpoint_best.pt"
+    assert shard_path("d/checkpoint_best.pt", 3) == "d/checkpoint_best-expert-shard3.pt"
+    assert base_path("d/checkpoint_1_6-expert-shard3.pt") == "d/checkpoint_1_6.pt"
+    assert base_path("d/checkpoint_best.pt") == "d/checkpoint_best.pt"
+    assert expert_range(8, 1, 4) == (2, 4)
+
+
+def test_world_size_must_divide_experts_or_groups():
+    with pytest.raises(ValueError, match="--moe-num-experts that is a multiple of 2"):
+        check_shardable(MoELayer(4, 4, num_experts=3, hidden_dim=4, k=2), 2)
+    hierarchical = HierarchicalMoELayer(4, 4, num_groups=3, experts_per_group=4, hidden_dim=4)
+    with pytest.raises(ValueError, match="whole groups"):  # 12 experts, but 3 groups
+        check_shardable(hierarchical, 2)
+    check_shardable(HierarchicalMoELayer(4, 4, num_groups=4, experts_per_group=3, hidden_dim=4), 2)
+
+
+def test_reshard_script(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "reshard_experts", os.path.join(ROOT, "scripts", "reshard_experts.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    full, base = write_run(tmp_path, 2)
+    merged = str(tmp_path / "out" / "merged.pt")
+    assert script.main([base, "-o", merged]) == 0
+    assert_states_equal(load(merged), full)
+    four = str(tmp_path / "four" / "checkpoint_last.pt")
+    assert script.main([base, "--workers", "4", "-o", four]) == 0
+    for rank in range(4):
+        assert_states_equal(load(shard_path(four, rank)), select_expert_shard(full, plan(rank, 4)))
+    capsys.readouterr()
+    assert script.main([base, "--workers", "3", "-o", four]) == 1
+    assert "cannot hold equal shares of the 8 experts" in capsys.readouterr().err
+    assert script.main([str(tmp_path / "nothing.pt"), "-o", merged]) == 1
+    assert "not found" in capsys.readouterr().err
