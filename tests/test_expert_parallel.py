@@ -91,6 +91,10 @@ def _layer_cases(rank):
         for key, grad in out["grads"].items():  # replicated parameters: sum over workers
             if not key.startswith("experts."):
                 dist.all_reduce(grad)
+        layer.eval()
+        with torch.no_grad():  # evaluation: experts still exchanged, statistics per worker
+            out["y_eval"], eval_stats = layer(x[start:end], pad[start:end])
+            out["eval_counts"] = eval_stats.counts
         out["rows"] = (start, end)
         out["expert_shapes"] = {n: tuple(p.shape) for n, p in layer.named_parameters()
                                 if n.startswith("experts.")}
@@ -106,6 +110,14 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     torch.randn_like = deterministic_noise
     results = {"layer": _layer_cases(rank)}
+    from fairseq_smoe.distributed import setup_expert_parallel
+
+    try:  # 3 experts cannot be shared equally by 2 workers: refused before anything changes
+        setup_expert_parallel(nn.Sequential(MoELayer(4, 4, num_experts=3, hidden_dim=4, k=2)),
+                              argparse.Namespace(moe_expert_parallel=True))
+        results["indivisible"] = None
+    except ValueError as error:
+        results["indivisible"] = str(error)
     for backend in ("pytorch_ddp", "legacy_ddp"):
         results[backend] = _ddp_case(rank, backend)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -143,6 +155,14 @@ def test_expert_parallel_layer_matches_single_process(name, worker_results, monk
                     got["grads"][key], grad[rank * per_worker:(rank + 1) * per_worker], **TOL)
             else:
                 torch.testing.assert_close(got["grads"][key], grad, **TOL)
+    layer.eval()
+    with torch.no_grad():
+        y_eval, eval_stats = layer(x, pad)
+    for results in worker_results:
+        start, end = results["layer"][name]["rows"]
+        torch.testing.assert_close(results["layer"][name]["y_eval"], y_eval[start:end], **TOL)
+    torch.testing.assert_close(sum(r["layer"][name]["eval_counts"] for r in worker_results),
+                               eval_stats.counts)
     if name != "softmax":
         assert ref["balance"] > 0
     assert any(k.startswith("experts.") for k in ref["grads"])
@@ -209,6 +229,12 @@ def _ddp_case(rank, backend):
         "state": {"model": model.state_dict(), SHARD_META_KEY: current_plan(),
                   "optimizer_history": [{"num_updates": 1}]},
     }
+
+
+def test_world_size_that_does_not_divide_the_experts_is_refused(worker_results):
+    for results in worker_results:
+        assert "2 workers cannot hold equal shares of the 3 experts" in results["indivisible"]
+        assert "--no-moe-expert-parallel" in results["indivisible"]
 
 
 @pytest.mark.parametrize("backend", ["pytorch_ddp", "legacy_ddp"])

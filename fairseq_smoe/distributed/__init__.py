@@ -81,16 +81,18 @@ def setup_expert_parallel(model, args):
     except ImportError:
         group = None
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    expert_parallel = getattr(args, "moe_expert_parallel", True) is not False
+    if expert_parallel:  # all errors before anything changes
+        _check_training_options(args)
+        for name, layer in layers:
+            check_shardable(layer, world_size, name)
     for _, layer in layers:
         layer.sum_over_workers = SumOverWorkers(group)
-    if getattr(args, "moe_expert_parallel", True) is False:
+    if not expert_parallel:
         logger.info(f"expert parallelism off: {len(layers)} MoE layer(s) replicated on "
                     f"{world_size} workers; balance statistics summed over workers")
         return model
 
-    _check_training_options(args)
-    for name, layer in layers:
-        check_shardable(layer, world_size, name)  # all errors before anything changes
     for name, layer in layers:
         shard_layer(layer, group, grad_scale=1.0 / world_size, name=name)
 

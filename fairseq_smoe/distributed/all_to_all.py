@@ -95,7 +95,12 @@ class _AllReduceSum(torch.autograd.Function):
 class SumOverWorkers:
     """``MoELayerBase.sum_over_workers`` for data-parallel training: per-expert totals summed
     over all workers before the CV² (§1.2), differentiably. Tensors that need no gradient
-    (counts, hard loads) take a plain all-reduce."""
+    (counts, hard loads) take a plain all-reduce.
+
+    Only while gradients are enabled (training steps, which every worker runs in lockstep).
+    Under ``torch.no_grad`` (validation, fairseq-eval-lm, fairseq-generate) totals stay per
+    worker, so evaluation needs no collective when the experts are replicated; the smoe
+    criteria still log CVs of the global batch, as they sum the vectors over workers."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None):
         self.group_ref = GroupRef(group)
@@ -104,8 +109,10 @@ class SumOverWorkers:
         return self
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return t
         group = self.group_ref.group
-        if t.requires_grad and torch.is_grad_enabled():
+        if t.requires_grad:
             return _AllReduceSum.apply(t, group)
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
