@@ -65,9 +65,14 @@ def make_lstm(input_size: int, output_size: int, hidden_size: int, flag: str,
                    bidirectional=bidirectional)
 
 
-def run_packed(lstm: nn.LSTM, x_BTD: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-    """Run an LSTM over right-padded sequences, padding excluded (needed for the backward
-    direction of a bidirectional layer). Outputs at padding positions are 0."""
+def run_lstm(lstm: nn.LSTM, x_BTD: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+    """Run an LSTM over right-padded sequences. A bidirectional layer runs packed, so its
+    backward direction starts at each sentence's last real token (padding outputs are 0). A
+    unidirectional layer runs on the padded batch as is: with padding on the right, real
+    positions never see it, and the faster unpacked kernels apply (padding outputs are
+    garbage; the caller masks them)."""
+    if not lstm.bidirectional:
+        return lstm(x_BTD)[0]
     packed = nn.utils.rnn.pack_padded_sequence(x_BTD, lengths_B.cpu(), batch_first=True,
                                                enforce_sorted=False)
     out, _ = lstm(packed)
@@ -126,7 +131,7 @@ class LSTMMoEEncoder(FairseqEncoder):
             if index == self.moe_position and self.moe is not None:
                 # All positions of all sentences in one MoE call (§3.1).
                 x_BSD, moe_stats["encoder_moe"] = self.moe(x_BSD, padding_mask_BS)
-            x_BSD = x_BSD + self.dropout(run_packed(lstm, x_BSD, lengths_B))
+            x_BSD = x_BSD + self.dropout(run_lstm(lstm, x_BSD, lengths_B))
         x_BSD = x_BSD.masked_fill(padding_mask_BS.unsqueeze(-1), 0.0)
         return {
             "encoder_out": x_BSD,  # [B, S, D]
