@@ -11,16 +11,27 @@ expert's backward allocate and add a full-size zero gradient (O(E²) memory traf
 why the loop lives inside a Function. Experts with no rows cost nothing but zeroing their
 gradient slice.
 
+Per expert the Function issues only matrix products and one fused elementwise pass per layer:
+forward ``addmm`` (bias folded in) + in-place ReLU; backward weight-gradient ``mm`` straight into
+the gradient slice, bias-gradient ``sum`` straight into its slice, ``mm`` for the gradient of
+the layer input into a scratch block, and ReLU' as one ``threshold_backward`` written in place.
+Large tensors (hidden activations, outputs, gradients, scratch) come from a ``Workspace``
+(workspace.py), so on CPU a training step does not page-fault fresh memory for them.
+
 ``recompute_activations`` (App. D) keeps only each expert's input and recomputes its hidden
 activations in backward, trading one more forward matmul for the hidden-layer memory.
 """
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
+
+from .workspace import Workspace
+
+_relu_backward_ = torch.ops.aten.threshold_backward.grad_input  # (grad, post-ReLU value, 0, out=)
 
 
 def _segments(counts: Sequence[int]):
@@ -32,59 +43,101 @@ def _segments(counts: Sequence[int]):
         start += count
 
 
-def _expert_forward(x_rows, weights, biases, expert, hidden_out=None, y_out=None):
-    """Run one expert on its rows. ``hidden_out[l]`` (optional) receives the post-ReLU
-    activation of hidden layer l, ``y_out`` (optional) the output. Returns the output rows."""
+def _expert_forward(x_rows, weights, biases, expert, hidden_out, y_out):
+    """Run one expert on its rows: ``hidden_out[l]`` receives the post-ReLU activation of hidden
+    layer l, ``y_out`` the output (all preallocated row blocks)."""
     h = x_rows
     last = len(weights) - 1
     for layer, (w, b) in enumerate(zip(weights, biases)):
-        out = y_out if layer == last else (hidden_out[layer] if hidden_out is not None else None)
-        h = torch.addmm(b[expert], h, w[expert]) if out is None else torch.addmm(
-            b[expert], h, w[expert], out=out)
+        out = y_out if layer == last else hidden_out[layer]
+        torch.addmm(b[expert], h, w[expert], out=out)
         if layer < last:
-            h = h.relu_()
+            out.relu_()
+        h = out
     return h
 
 
+class GroupedFeedForwardOptions:
+    """What ``_GroupedFeedForward`` takes besides tensors: recompute flag and workspace."""
+
+    def __init__(self, recompute: bool = False, workspace: Optional[Workspace] = None):
+        self.recompute, self.workspace = recompute, workspace
+
+
+def _empty(workspace: Optional[Workspace], name, shape, like: torch.Tensor) -> torch.Tensor:
+    if workspace is None:
+        return like.new_empty(shape)
+    return workspace.empty(name, shape, like.dtype, like.device)
+
+
 class _GroupedFeedForward(torch.autograd.Function):
-    """y_SO = FFN_{expert(s)}(x_SD) for rows sorted by expert with ``counts`` rows each."""
+    """y_SO = FFN_{expert(s)}(x_SD) for rows sorted by expert with ``counts`` rows each.
+
+    ``apply(x_SD, counts, options, *weights, *biases)``; ``options`` is a
+    ``GroupedFeedForwardOptions`` or a bool (recompute, no workspace)."""
 
     @staticmethod
-    def forward(ctx, x_SD, counts, recompute, *params):
+    def forward(ctx, x_SD, counts, options, *params):
+        if not isinstance(options, GroupedFeedForwardOptions):
+            options = GroupedFeedForwardOptions(bool(options))
+        ws = options.workspace
         num_layers = len(params) // 2
         weights, biases = params[:num_layers], params[num_layers:]
         rows = x_SD.shape[0]
-        y_SO = x_SD.new_empty(rows, weights[-1].shape[-1])
-        # Post-ReLU activations of each hidden layer, kept for backward unless recomputing.
-        hidden = [] if recompute else [x_SD.new_empty(rows, w.shape[-1]) for w in weights[:-1]]
+        y_SO = _empty(ws, "y_SO", (rows, weights[-1].shape[-1]), x_SD)
+        widths = [w.shape[-1] for w in weights[:-1]]
+        if options.recompute:
+            # Hidden activations only live for one expert at a time.
+            most = max(counts) if counts else 0
+            hidden = [_empty(ws, f"recompute{l}", (most, h), x_SD) for l, h in enumerate(widths)]
+        else:
+            # Post-ReLU activations of each hidden layer, kept for backward.
+            hidden = [_empty(ws, f"hidden{l}", (rows, h), x_SD) for l, h in enumerate(widths)]
         for expert, start, end in _segments(counts):
-            hidden_rows = [h[start:end] for h in hidden] if hidden else None
+            if options.recompute:
+                hidden_rows = [h[: end - start] for h in hidden]
+            else:
+                hidden_rows = [h[start:end] for h in hidden]
             _expert_forward(x_SD[start:end], weights, biases, expert, hidden_rows, y_SO[start:end])
-        ctx.counts, ctx.recompute, ctx.num_layers = counts, recompute, num_layers
-        ctx.save_for_backward(x_SD, *params, *hidden)
+        ctx.counts, ctx.options, ctx.num_layers = counts, options, num_layers
+        if options.recompute:
+            ctx.save_for_backward(x_SD, *params)
+        else:
+            ctx.save_for_backward(x_SD, *params, *hidden)
         return y_SO
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_SO):
-        num_layers = ctx.num_layers
+        num_layers, options, counts = ctx.num_layers, ctx.options, ctx.counts
+        ws = options.workspace
         saved = ctx.saved_tensors
         x_SD = saved[0]
         weights = saved[1 : 1 + num_layers]
         biases = saved[1 + num_layers : 1 + 2 * num_layers]
         hidden = list(saved[1 + 2 * num_layers :])
         grad_y_SO = grad_y_SO.contiguous()
+        if grad_y_SO.dtype != x_SD.dtype:
+            grad_y_SO = grad_y_SO.to(x_SD.dtype)
 
-        grad_x_SD = torch.empty_like(x_SD) if ctx.needs_input_grad[0] else None
-        grad_w = [torch.empty_like(w) for w in weights]
-        grad_b = [torch.empty_like(b) for b in biases]
-        done = [False] * weights[0].shape[0]
-        for expert, start, end in _segments(ctx.counts):
-            done[expert] = True
+        grad_x_SD = _empty(ws, "grad_x_SD", x_SD.shape, x_SD) if ctx.needs_input_grad[0] else None
+        grad_w = [_empty(ws, f"grad_w{l}", w.shape, w) for l, w in enumerate(weights)]
+        grad_b = [_empty(ws, f"grad_b{l}", b.shape, b) for l, b in enumerate(biases)]
+        widths = [w.shape[-1] for w in weights[:-1]]
+        most = max(counts) if counts else 0
+        # Gradient w.r.t. the (post-ReLU) output of each hidden layer, one expert at a time.
+        scratch = [_empty(ws, f"scratch{l}", (most, h), x_SD) for l, h in enumerate(widths)]
+        recomputed = ([_empty(ws, f"recompute{l}", (most, h), x_SD) for l, h in enumerate(widths)]
+                      if options.recompute else None)
+        for expert, start, end in _segments(counts):
+            n = end - start
             x_rows = x_SD[start:end]
-            if ctx.recompute:
-                acts = [x_SD.new_empty(end - start, w.shape[-1]) for w in weights[:-1]]
-                _expert_forward(x_rows, weights, biases, expert, acts)
+            if options.recompute:
+                acts = [h[:n] for h in recomputed]
+                h = x_rows
+                for layer in range(num_layers - 1):
+                    torch.addmm(biases[layer][expert], h, weights[layer][expert], out=acts[layer])
+                    h = acts[layer].relu_()
             else:
                 acts = [h[start:end] for h in hidden]
             inputs = [x_rows] + acts  # input of each layer
@@ -94,12 +147,15 @@ class _GroupedFeedForward(torch.autograd.Function):
                 torch.sum(g, dim=0, out=grad_b[layer][expert])
                 w_t = weights[layer][expert].t()
                 if layer > 0:
+                    g_in = scratch[layer - 1][:n]
+                    torch.mm(g, w_t, out=g_in)
                     # ReLU'(pre-activation) is 1 exactly where the post-ReLU value is > 0.
-                    g = (g @ w_t).masked_fill_(inputs[layer] <= 0, 0)
+                    _relu_backward_(g_in, inputs[layer], 0, grad_input=g_in)
+                    g = g_in
                 elif grad_x_SD is not None:
                     torch.mm(g, w_t, out=grad_x_SD[start:end])
-        for expert, used in enumerate(done):
-            if not used:
+        for expert, count in enumerate(counts):
+            if not count:  # buffers are uninitialised: experts without rows get 0
                 for grad in grad_w + grad_b:
                     grad[expert].zero_()
         return (grad_x_SD, None, None, *grad_w, *grad_b)
@@ -125,6 +181,8 @@ class FeedForwardExperts(nn.Module):
         self.biases = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, d_out)) for d_out in dims[1:]
         )
+        # Reused large buffers between steps on CPU (workspace.py); not state, not copied.
+        self.workspace = Workspace()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -145,11 +203,16 @@ class FeedForwardExperts(nn.Module):
             )
         # Compute in the weights' dtype (e.g. fp32 master weights under autocast), return in x's.
         param_dtype = self.weights[0].dtype
+        options = GroupedFeedForwardOptions(self.recompute_activations, getattr(self, "workspace", None))
         y_SO = _GroupedFeedForward.apply(
-            x_SD.to(param_dtype).contiguous(), tuple(counts), self.recompute_activations,
-            *self.weights, *self.biases,
+            x_SD.to(param_dtype).contiguous(), tuple(counts), options, *self.weights, *self.biases,
         )
         return y_SO.to(x_SD.dtype)
+
+    def cached_grad_bytes(self) -> int:
+        """Bytes of weight/bias-gradient buffers kept between steps (for memory accounting)."""
+        workspace = getattr(self, "workspace", None)
+        return workspace.held_bytes("grad_w") + workspace.held_bytes("grad_b") if workspace else 0
 
     def extra_repr(self) -> str:
         dims = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .dispatch import group_by_expert
+from .dispatch import gather_rows, group_by_expert
 from .gating import _per_expert_sum, build_gate
 from .moe_layer import MoELayerBase, check_k, check_layer_args
 from .stats import count_unrouted
@@ -58,6 +58,9 @@ class HierarchicalMoELayer(MoELayerBase):
         primary = self.primary_gate(x_TD, valid_T)
         order_P, group_counts = group_by_expert(primary.expert_A, a)
         rows_P, primary_gate_P = primary.row_A[order_P], primary.gate_A[order_P]
+        # X^(i) of every group in one gather, cut into contiguous per-group blocks (one
+        # index_add_ in backward instead of one full-size scatter per group).
+        x_groups = torch.split(gather_rows(x_TD, rows_P, self.workspace, "x_PD"), group_counts)
 
         rows, experts, gates, importance, load, counts = [], [], [], [], [], []
         aux_loss = primary.aux_loss
@@ -68,7 +71,7 @@ class HierarchicalMoELayer(MoELayerBase):
             rows_G = rows_P[start : start + group_rows]
             primary_gate_G = primary_gate_P[start : start + group_rows]
             start += group_rows
-            secondary = self.secondary_gates[group](x_TD[rows_G])
+            secondary = self.secondary_gates[group](x_groups[group])
             gate_A = primary_gate_G[secondary.row_A] * secondary.gate_A
             rows.append(rows_G[secondary.row_A])
             experts.append(group * b + secondary.expert_A)

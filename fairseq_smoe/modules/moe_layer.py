@@ -19,10 +19,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .dispatch import combine, group_by_expert
+from .dispatch import combine, gather_rows, group_by_expert
 from .experts import FeedForwardExperts
 from .gating import GATING_MODES, build_gate
 from .stats import MoEStats, balance_losses, count_unrouted
+from .workspace import Workspace
 
 
 def check_positive_int(name: str, value) -> None:
@@ -68,6 +69,8 @@ class MoELayerBase(nn.Module):
         # balance loss sees the global batch. Identity in a single process; set by
         # fairseq_smoe.distributed when training is distributed. Must be differentiable.
         self.sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        # Reused dispatch/combine buffers between steps on CPU (workspace.py); not state.
+        self.workspace = Workspace()
 
     def _flatten(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         if x.shape[-1] != self.input_dim:
@@ -84,8 +87,9 @@ class MoELayerBase(nn.Module):
         """Group assignments by expert, run each expert once on its rows, add back (eq. 1)."""
         order_S, counts = group_by_expert(expert_A, self.num_experts)
         row_S = row_A[order_S]
-        y_SO = self.experts(x_TD[row_S], counts)
-        return combine(y_SO, row_S, gate_A[order_S], x_TD.shape[0]), row_S
+        x_SD = gather_rows(x_TD, row_S, self.workspace, "x_SD")
+        y_SO = self.experts(x_SD, counts)
+        return combine(y_SO, row_S, gate_A[order_S], x_TD.shape[0], self.workspace), row_S
 
     def _stats(self, importance, load, counts, aux_loss, num_tokens, unrouted) -> MoEStats:
         importance = self.sum_over_workers(importance)
