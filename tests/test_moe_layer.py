@@ -225,3 +225,30 @@ def test_bad_inputs_are_clear_errors():
         layer(torch.randn(3, 4))
     with pytest.raises(ValueError, match="padding_mask must have shape"):
         layer(torch.randn(3, 4, 8), torch.zeros(4, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_two_forwards_before_backward_and_accumulated_gradients(reuse, monkeypatch):
+    # The layer reuses large CPU buffers between steps (workspace.py). Two forward passes whose
+    # graphs are both alive, then gradients accumulated over two steps, must equal the same
+    # computation done one layer at a time on separate copies.
+    from fairseq_smoe.modules.workspace import Workspace
+
+    monkeypatch.setattr(Workspace, "enabled", reuse)
+    layer = randomise_gates(MoELayer(64, 32, 8, 256, k=2, gating="top_k"))
+    xa, xb = torch.randn(1024, 64), torch.randn(1024, 64)  # hidden rows: 2 MiB, reused
+    for _ in range(2):  # gradient accumulation over two steps
+        ya, _ = layer(xa)
+        yb, _ = layer(xb)
+        ((ya**2).sum() + (3 * yb).sum()).backward()
+    copies = [MoELayer(64, 32, 8, 256, k=2, gating="top_k") for _ in range(2)]
+    for copy in copies:
+        copy.load_state_dict(layer.state_dict())
+    (copies[0](xa)[0] ** 2).sum().backward()
+    (3 * copies[1](xb)[0]).sum().backward()
+    for (name, p), pa, pb in zip(layer.named_parameters(), copies[0].parameters(), copies[1].parameters()):
+        if p.grad is not None:
+            expected = 2 * (pa.grad + pb.grad)
+            torch.testing.assert_close(p.grad, expected, atol=1e-3, rtol=1e-4, msg=name)
+    torch.testing.assert_close(ya, copies[0](xa)[0])
+    torch.testing.assert_close(yb, copies[1](xb)[0])
