@@ -6,9 +6,9 @@ expert's block of rows starts. Nothing here allocates a tokens × experts × any
 
 ``gather_rows`` and ``combine`` are autograd Functions with hand-written backward passes:
 the gather's backward is one ``index_add_`` into the input gradient (autograd's own backward
-for ``x[rows]`` is an accumulating ``index_put_``, about twice as slow on CPU), and the combine
-multiplies by the gates and scatter-adds in two passes, and in backward gathers the output
-gradient once and uses it for both the expert outputs and the gates. Their large tensors come
+for ``x[rows]`` is an accumulating ``index_put_``, about twice as slow on CPU); the combine
+weights and scatter-adds block by block (no S-row temporary), and in backward gathers the
+output gradient once and uses it for both the expert outputs and the gates. Their large tensors come
 from a ``Workspace`` when one is given (workspace.py).
 """
 
@@ -67,17 +67,25 @@ def gather_rows(x_TD: torch.Tensor, row_S: torch.Tensor, workspace: Optional[Wor
     return _GatherRows.apply(x_TD, row_S, workspace, name)
 
 
+# Rows per block of the combine's elementwise passes: the block's temporary stays in cache and
+# no S-row temporary is ever allocated.
+_BLOCK_ROWS = 1024
+
+
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_SO, row_S, gate_S, num_rows, workspace):
-        gate_S1 = gate_S.to(y_SO.dtype)[:, None]
-        weighted_SO = torch.mul(y_SO, gate_S1, out=_empty(workspace, "weighted_SO", y_SO.shape, y_SO))
-        y_TO = _empty(workspace, "y_TO", (num_rows, y_SO.shape[1]), y_SO)
-        y_TO.zero_().index_add_(0, row_S, weighted_SO)
-        del weighted_SO
+        S, O = y_SO.shape
+        gate_dtype, gate_S = gate_S.dtype, gate_S.to(y_SO.dtype)
+        y_TO = _empty(workspace, "y_TO", (num_rows, O), y_SO).zero_()
+        block_BO = _empty(workspace, "block", (min(S, _BLOCK_ROWS), O), y_SO)
+        for start in range(0, S, _BLOCK_ROWS):
+            end = min(start + _BLOCK_ROWS, S)
+            weighted = torch.mul(y_SO[start:end], gate_S[start:end, None], out=block_BO[: end - start])
+            y_TO.index_add_(0, row_S[start:end], weighted)
         if ctx is not None:
             ctx.save_for_backward(y_SO, row_S, gate_S)
-            ctx.workspace = workspace
+            ctx.workspace, ctx.gate_dtype = workspace, gate_dtype
         return y_TO
 
     @staticmethod
@@ -85,17 +93,22 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad_TO):
         y_SO, row_S, gate_S = ctx.saved_tensors
         ws = ctx.workspace
+        S, O = y_SO.shape
         grad_TO = grad_TO.contiguous()
+        # The output gradient of each assignment's row: gives both the gate's gradient
+        # <grad_y[row], E_i(x)> and, times the gate, the expert output's gradient.
         grad_rows_SO = torch.index_select(grad_TO, 0, row_S,
-                                          out=_empty(ws, "grad_rows_SO", y_SO.shape, grad_TO))
+                                          out=_empty(ws, "grad_rows_SO", (S, O), grad_TO))
         grad_gate_S = None
         if ctx.needs_input_grad[2]:
-            product_SO = torch.mul(grad_rows_SO, y_SO, out=_empty(ws, "weighted_SO", y_SO.shape, y_SO))
-            grad_gate_S = product_SO.sum(1).to(gate_S.dtype)
-            del product_SO
-        grad_y_SO = None
-        if ctx.needs_input_grad[0]:
-            grad_y_SO = grad_rows_SO.mul_(gate_S.to(grad_rows_SO.dtype)[:, None])
+            grad_gate_S = grad_rows_SO.new_empty(S)
+            block_BO = _empty(ws, "block", (min(S, _BLOCK_ROWS), O), y_SO)
+            for start in range(0, S, _BLOCK_ROWS):
+                end = min(start + _BLOCK_ROWS, S)
+                product = torch.mul(grad_rows_SO[start:end], y_SO[start:end], out=block_BO[: end - start])
+                torch.sum(product, 1, out=grad_gate_S[start:end])
+            grad_gate_S = grad_gate_S.to(ctx.gate_dtype)
+        grad_y_SO = grad_rows_SO.mul_(gate_S[:, None]) if ctx.needs_input_grad[0] else None
         return grad_y_SO, None, grad_gate_S, None, None
 
 

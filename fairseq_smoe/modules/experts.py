@@ -120,7 +120,10 @@ class _GroupedFeedForward(torch.autograd.Function):
         if grad_y_SO.dtype != x_SD.dtype:
             grad_y_SO = grad_y_SO.to(x_SD.dtype)
 
-        grad_x_SD = _empty(ws, "grad_x_SD", x_SD.shape, x_SD) if ctx.needs_input_grad[0] else None
+        # The forward output y_SO is dead by now (the combine's backward, its only reader, has
+        # run), so its buffer can take the input gradient; if anything still holds it the
+        # workspace hands out a fresh one.
+        grad_x_SD = _empty(ws, "y_SO", x_SD.shape, x_SD) if ctx.needs_input_grad[0] else None
         grad_w = [_empty(ws, f"grad_w{l}", w.shape, w) for l, w in enumerate(weights)]
         grad_b = [_empty(ws, f"grad_b{l}", b.shape, b) for l, b in enumerate(biases)]
         widths = [w.shape[-1] for w in weights[:-1]]
