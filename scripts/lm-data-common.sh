@@ -74,5 +74,5 @@ lm_binarize() {
     | grep -v -e "tensorboardX" -e "^$" | sed 's/^/    /' >&2
   [ -f "$bin/train.bin" ] && [ -f "$bin/dict.txt" ] \
     || lm_die "fairseq-preprocess did not produce $bin/train.bin (see its output above)"
-  lm_say "done: $bin (dictionary: $(wc -l < "$bin/dict.txt") words + 4 special symbols)"
+  lm_say "done: $bin (dict.txt: $(wc -l < "$bin/dict.txt") entries; fairseq adds <s> <pad> </s> <unk>)"
 }

@@ -2,6 +2,7 @@
 batchwise and baseline presets, resume), fairseq-eval-lm and fairseq-interactive sampling on a
 tiny synthetic corpus that a language model can learn."""
 
+import json
 import math
 import os
 import random
@@ -98,6 +99,21 @@ def test_train_resume_and_eval_lm_beats_unigram(corpus, tmp_path):
     hypothesis = re.search(r"^H-0\t(\S+)\t(.*)$", out, re.M)
     assert hypothesis and hypothesis.group(2).startswith("w0 w1"), out[-2000:]
     assert len(hypothesis.group(2).split()) > 2
+
+    report = tmp_path / "experts.json"
+    python = os.path.join(BIN, "python") if os.path.exists(os.path.join(BIN, "python")) else sys.executable
+    args = ["--path", ckpt / "checkpoint_last.pt", "--data", data, "--subset", "test",
+            "--max-tokens", 1000, "--block", 32, "--min-count", 5, "--json", report]
+    result = subprocess.run([python, "scripts/moe_utilisation.py", *map(str, args)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    experts = json.loads(report.read_text())
+    assert len(experts["experts"]) == 4 and "CV(Importance)" in result.stdout
+    tokens = 1000 // 32 * 32  # whole blocks; every token visits k = 2 experts
+    assert sum(e["tokens"] for e in experts["experts"]) == 2 * tokens
+    assert sum(e["share"] for e in experts["experts"]) == pytest.approx(1.0)
+    assert sum(e["gate_share"] for e in experts["experts"]) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("arch", ["lstm_moe_lm_tiny_h", "lstm_moe_lm_tiny_batchwise",
