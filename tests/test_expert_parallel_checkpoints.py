@@ -148,3 +148,21 @@ def test_reshard_script(tmp_path, capsys):
     assert "cannot hold equal shares of the 8 experts" in capsys.readouterr().err
     assert script.main([str(tmp_path / "nothing.pt"), "-o", merged]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (dict(fp16=True), "--fp16-no-flatten-grads"),
+    (dict(ddp_backend="fully_sharded"), "fully_sharded"),
+    (dict(store_ema=True), "--store-ema"),
+    (dict(use_bmuf=True), "--use-bmuf"),
+])
+def test_options_that_assume_identical_parameters_are_refused(flags, named):
+    from argparse import Namespace
+
+    from fairseq_smoe.distributed import _check_training_options
+
+    with pytest.raises(ValueError, match="--no-moe-expert-parallel") as error:
+        _check_training_options(Namespace(**flags))
+    assert named in str(error.value)
+    _check_training_options(Namespace(fp16=True, fp16_no_flatten_grads=True))
+    _check_training_options(Namespace(fp16=True, memory_efficient_fp16=True, ddp_backend="legacy_ddp"))
