@@ -160,7 +160,7 @@ def main(argv=None):
         ax.axhline(100 / len(rows), color="k", ls="--", lw=1, label="uniform")
         ax.set_xticks(list(positions), [r["expert"] for r in rows], rotation=90 if len(rows) > 32 else 0)
         ax.set_xlabel("expert")
-        ax.set_ylabel("% of the split")
+        ax.set_ylabel("share of all (%)")
         ax.set_title(f"MoE utilisation on {args.subset}: CV(Importance) {summary['cv_importance']:.2f}, "
                      f"max/mean load {summary['max_over_mean_load']:.2f}")
         ax.legend(fontsize=8)

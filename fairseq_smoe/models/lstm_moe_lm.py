@@ -82,8 +82,9 @@ class LSTMMoELanguageModel(FairseqLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         base_architecture(args)
-        max_target_positions = getattr(args, "max_target_positions", None) or getattr(
-            args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        # An LSTM has no positional limit: sequences longer than the training blocks are fine
+        # (fairseq-eval-lm --tokens-per-sample, long generations) unless the user sets one.
+        max_target_positions = getattr(args, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS
         try:
             decoder = LSTMMoEDecoder.from_args(args, task.target_dictionary, max_target_positions)
         except ValueError as error:  # bad option combinations: say which flag to change
