@@ -309,10 +309,12 @@ _preset("lstm_moe_lm_1b_moe_256", moe_num_experts=256, **_FLAT)
 _preset("lstm_moe_lm_1b_moe_256_h", moe_num_experts=256, **_HIER)
 _preset("lstm_moe_lm_1b_moe_1024_h", moe_num_experts=1024, dropout=0.2, **_HIER)
 _preset("lstm_moe_lm_1b_moe_4096_h", moe_num_experts=4096, dropout=0.2, **_HIER)
-# Computationally matched baselines (App. C.1).
-_preset("lstm_moe_lm_1b_moe_1_wide", moe_num_experts=1, moe_k=1, moe_hidden_dim=4096, **_1B)
+# Computationally matched baselines (App. C.1). A one-expert MoE has nothing to choose: its
+# gate is always 1, so it uses plain top-k gating (no W_noise that would get no gradient).
+_preset("lstm_moe_lm_1b_moe_1_wide", moe_num_experts=1, moe_k=1, moe_hidden_dim=4096,
+        moe_gating="top_k", **_1B)
 _preset("lstm_moe_lm_1b_moe_1_deep", moe_num_experts=1, moe_k=1, moe_hidden_dim=1024,
-        moe_expert_layers=4, **_1B)
+        moe_expert_layers=4, moe_gating="top_k", **_1B)
 _preset("lstm_moe_lm_1b_4xlstm_512", moe_num_experts=0, lstm_layers_before_moe=2,
         lstm_layers_after_moe=2, **_1B)
 _preset("lstm_moe_lm_1b_lstm_2048_512", moe_num_experts=0, decoder_hidden_size=2048,
