@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             if proc.poll() is None:
                 proc.send_signal(sig)
 
-    signal.signal(signal.SIGTERM, lambda *_: stop_all())
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_all())
     status = 0
     try:
         while any(p.poll() is None for p in procs):
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
         thread.join(timeout=5)
     for log in logs:
         log.close()
+    signal.signal(signal.SIGTERM, previous_handler)
     if status == 0:
         status = next((p.returncode for p in procs if p.returncode != 0), 0)
     return status
