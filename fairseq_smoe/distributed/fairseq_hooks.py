@@ -33,7 +33,8 @@ def register_sharded_model(model, group) -> None:
 
 
 def _active_model():
-    return _sharded_model() if _sharded_model is not None else None
+    model = _sharded_model() if _sharded_model is not None else None
+    return model if model is not None and dist.is_initialized() else None
 
 
 def _is_sharded(model) -> bool:
@@ -43,7 +44,7 @@ def _is_sharded(model) -> bool:
 
 def current_plan():
     model = _active_model()
-    if model is None:
+    if model is None or not dist.is_initialized():
         return None
     return expert_plan(model, dist.get_rank(_group), dist.get_world_size(_group))
 
