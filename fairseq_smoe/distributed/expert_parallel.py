@@ -19,10 +19,9 @@ all-reduced. Hierarchical layers shard whole groups (their experts are stored gr
 from typing import Optional, Tuple
 
 import torch
-import torch.nn as nn
 from torch import distributed as dist
 
-from ..modules.experts import FeedForwardExperts, _GroupedFeedForward
+from ..modules.experts import FeedForwardExperts
 from ..modules.hierarchical_moe import HierarchicalMoELayer
 from .all_to_all import GroupRef, all_to_all, exchange_counts
 
@@ -52,17 +51,14 @@ def check_shardable(layer, world_size: int, name: str = "") -> None:
             f"--no-moe-expert-parallel to replicate the experts")
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``scale`` (see ``grad_scale``)."""
+class _ScaleGrad:
+    """Gradient hook on an expert parameter: multiplies its gradient by ``scale``."""
 
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
+    def __init__(self, scale: float):
+        self.scale = scale
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.scale
 
 
 class ExpertParallelExperts(FeedForwardExperts):
@@ -72,7 +68,8 @@ class ExpertParallelExperts(FeedForwardExperts):
     Built from the full (identically initialised on every worker) experts by taking this
     worker's slice, so W workers together hold exactly the experts one process would.
     State-dict keys are those of ``FeedForwardExperts``; tensors hold the local slice. Loading
-    a full (unsharded) state dict takes this worker's slice.
+    a full (unsharded) state dict takes this worker's slice. The local experts run through
+    ``FeedForwardExperts.forward`` itself.
 
     Args:
         experts: the full experts (all ``num_experts``), identical on every worker.
@@ -85,29 +82,33 @@ class ExpertParallelExperts(FeedForwardExperts):
 
     def __init__(self, experts: FeedForwardExperts, group: Optional[dist.ProcessGroup] = None,
                  grad_scale: float = 1.0):
-        nn.Module.__init__(self)
-        self.group_ref = GroupRef(group)
-        world_size, rank = self.group_ref.world_size, self.group_ref.rank
+        group_ref = GroupRef(group)
+        world_size, rank = group_ref.world_size, group_ref.rank
         total = experts.num_experts
         if total % world_size:
             raise ValueError(f"{world_size} workers cannot hold equal shares of {total} experts")
         first, end = expert_range(total, rank, world_size)
+        weights = list(experts.weights)
+        with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the RNG
+            super().__init__(end - first, weights[0].shape[1], weights[0].shape[2],
+                             weights[-1].shape[2], num_hidden_layers=len(weights) - 1,
+                             recompute_activations=experts.recompute_activations)
+        self.to(device=weights[0].device, dtype=weights[0].dtype)
+        self.group_ref = group_ref
         self.num_experts_total, self.first_expert = total, first
-        self.num_experts = end - first  # local experts (FeedForwardExperts' bookkeeping)
         self.world_size, self.rank = world_size, rank
-        self.recompute_activations = experts.recompute_activations
         self.grad_scale = grad_scale
-
-        def local_slice(full):
-            return nn.Parameter(full.detach()[first:end].clone(), requires_grad=full.requires_grad)
-
-        self.weights = nn.ParameterList(local_slice(w) for w in experts.weights)
-        self.biases = nn.ParameterList(local_slice(b) for b in experts.biases)
+        with torch.no_grad():
+            for mine, full in zip([*self.weights, *self.biases], [*experts.weights, *experts.biases]):
+                mine.copy_(full[first:end])
+                mine.requires_grad_(full.requires_grad)
         for p in self.parameters():
             # fairseq's convention for parameters that differ between workers: its legacy DDP
             # does not all-reduce them; our clip_grad_norm_ counts each of them once.
             p.expert = True
             p.moe_expert_shard = True
+            if grad_scale != 1.0 and p.requires_grad:
+                p.register_hook(_ScaleGrad(grad_scale))
 
     def forward(self, x_SD: torch.Tensor, counts) -> torch.Tensor:
         E, W, El = self.num_experts_total, self.world_size, self.num_experts
@@ -148,13 +149,7 @@ class ExpertParallelExperts(FeedForwardExperts):
         return torch.argsort(key_R, stable=True)
 
     def _run_local_experts(self, x_LD: torch.Tensor, local_counts) -> torch.Tensor:
-        params = [*self.weights, *self.biases]
-        if self.grad_scale != 1.0:
-            params = [_ScaleGrad.apply(p, self.grad_scale) for p in params]
-        param_dtype = self.weights[0].dtype
-        y_LO = _GroupedFeedForward.apply(x_LD.to(param_dtype).contiguous(), tuple(local_counts),
-                                         self.recompute_activations, *params)
-        return y_LO.to(x_LD.dtype)
+        return super().forward(x_LD, local_counts)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A full (unsharded or merged) checkpoint: keep this worker's slice.
