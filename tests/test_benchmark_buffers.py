@@ -149,3 +149,27 @@ def test_workspace_is_not_copied_or_pickled(reuse_small_buffers):
     assert layer.experts.workspace.nbytes() > 0
     assert copy.deepcopy(layer).experts.workspace.nbytes() == 0
     assert "workspace" not in " ".join(layer.state_dict().keys())
+
+
+@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
+def test_experts_split_over_threads_match_one_thread(monkeypatch, kind):
+    """The expert loop runs on torch.get_num_threads() threads (experts split by rows); the
+    results must not depend on it."""
+    from fairseq_smoe.modules import experts as experts_module
+
+    def run(threads, split):
+        monkeypatch.setattr(experts_module, "EXPERT_THREADS", split)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = run_steps(copy.deepcopy(layer), xs)
+            assert torch.get_num_threads() == threads  # restored after the threaded loop
+            return out
+        finally:
+            torch.set_num_threads(previous)
+
+    layer = make_layer(kind, layers=2)
+    xs = [torch.randn(64, 8), torch.randn(50, 8)]
+    assert_same(run(3, True), run(1, False))
+    assert experts_module._partition([(0, 0, 5), (1, 5, 6), (2, 6, 12), (3, 12, 20)], 2) == [
+        [(0, 0, 5), (1, 5, 6), (2, 6, 12)], [(3, 12, 20)]]

@@ -23,6 +23,9 @@ activations in backward, trading one more forward matmul for the hidden-layer me
 """
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
 import torch
@@ -41,6 +44,88 @@ def _segments(counts: Sequence[int]):
         if count:
             yield expert, start, start + count
         start += count
+
+
+def _partition(segments, parts: int):
+    """Split the (expert, start, end) segments into ``parts`` contiguous runs of about equal
+    rows (the work of an expert is proportional to its rows)."""
+    total = sum(end - start for _, start, end in segments)
+    runs, run, done = [], [], 0
+    for seg in segments:
+        run.append(seg)
+        done += seg[2] - seg[1]
+        if len(runs) < parts - 1 and done >= total * (len(runs) + 1) / parts:
+            runs.append(run)
+            run = []
+    runs.append(run)
+    return [r for r in runs if r]
+
+
+_executor: Optional[ThreadPoolExecutor] = None
+_executor_workers = 0
+_executor_lock = threading.Lock()
+
+
+def _get_executor(workers: int) -> ThreadPoolExecutor:
+    global _executor, _executor_workers
+    with _executor_lock:
+        if _executor is None or _executor_workers < workers:
+            _executor = ThreadPoolExecutor(workers, thread_name_prefix="smoe-experts")
+            _executor_workers = workers
+        return _executor
+
+
+def _run_serial(work, part, segments):
+    # Grad mode is thread-local; the tensors here are written with out= and need none.
+    with torch.no_grad():
+        torch.set_num_threads(1)
+        for expert, start, end in segments:
+            work(part, expert, start, end)
+
+
+# Set SMOE_EXPERT_THREADS=0 to keep one expert at a time with multi-threaded matrix products.
+EXPERT_THREADS = os.environ.get("SMOE_EXPERT_THREADS", "1") not in ("0", "false", "no")
+
+
+def _for_each_expert(work, counts: Sequence[int], device: torch.device) -> int:
+    """Call ``work(part, expert, start, end)`` for every expert with rows; returns the number
+    of parts (threads) used, each with its own ``part`` index for scratch buffers.
+
+    On CPU with T = torch.get_num_threads() > 1 and at least 2·T busy experts, the experts are
+    split into T runs of about equal rows, run concurrently by T threads (this one and T − 1
+    pool threads), each with single-threaded kernels. Many experts' matrix products are small:
+    splitting each of them over T threads pays a thread barrier per product, and on a shared,
+    oversubscribed CPU each barrier can wait for a descheduled thread (measured here: the same
+    32 products 2-3× slower with 2 intra-op threads than with 1 under load). Experts are
+    independent (disjoint rows, their own weight and gradient slices), so no result depends
+    on the split."""
+    segments = list(_segments(counts))
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or not EXPERT_THREADS or threads < 2 or len(segments) < 2 * threads:
+        for expert, start, end in segments:
+            work(0, expert, start, end)
+        return 1
+    runs = _partition(segments, threads)
+    executor = _get_executor(len(runs) - 1)
+    futures = [executor.submit(_run_serial, work, part, run) for part, run in enumerate(runs) if part]
+    try:
+        _run_serial(work, 0, runs[0])
+    finally:
+        errors = []
+        for future in futures:  # always wait: the pool threads write into shared buffers
+            try:
+                future.result()
+            except BaseException as error:  # noqa: B036 - re-raised below
+                errors.append(error)
+        torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
+    return len(runs)
+
+
+def _max_parts() -> int:
+    """Most threads ``_for_each_expert`` may use (scratch buffers are allocated per thread)."""
+    return max(1, torch.get_num_threads()) if EXPERT_THREADS else 1
 
 
 def _expert_forward(x_rows, weights, biases, expert, hidden_out, y_out):
@@ -86,19 +171,23 @@ class _GroupedFeedForward(torch.autograd.Function):
         rows = x_SD.shape[0]
         y_SO = _empty(ws, "y_SO", (rows, weights[-1].shape[-1]), x_SD)
         widths = [w.shape[-1] for w in weights[:-1]]
-        if options.recompute:
-            # Hidden activations only live for one expert at a time.
-            most = max(counts) if counts else 0
-            hidden = [_empty(ws, f"recompute{l}", (most, h), x_SD) for l, h in enumerate(widths)]
-        else:
+        most = max(counts) if counts else 0
+        scratch = {}  # recompute: hidden activations live for one expert at a time, per thread
+        if not options.recompute:
             # Post-ReLU activations of each hidden layer, kept for backward.
             hidden = [_empty(ws, f"hidden{l}", (rows, h), x_SD) for l, h in enumerate(widths)]
-        for expert, start, end in _segments(counts):
+
+        def work(part, expert, start, end):
             if options.recompute:
-                hidden_rows = [h[: end - start] for h in hidden]
+                hidden_rows = [h[: end - start] for h in scratch[part]]
             else:
                 hidden_rows = [h[start:end] for h in hidden]
             _expert_forward(x_SD[start:end], weights, biases, expert, hidden_rows, y_SO[start:end])
+
+        if options.recompute:  # allocate in this thread: the workspace is not thread-safe
+            scratch.update({p: [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
+                                for l, h in enumerate(widths)] for p in range(_max_parts())})
+        _for_each_expert(work, counts, x_SD.device)
         ctx.counts, ctx.options, ctx.num_layers = counts, options, num_layers
         if options.recompute:
             ctx.save_for_backward(x_SD, *params)
@@ -128,15 +217,20 @@ class _GroupedFeedForward(torch.autograd.Function):
         grad_b = [_empty(ws, f"grad_b{l}", b.shape, b) for l, b in enumerate(biases)]
         widths = [w.shape[-1] for w in weights[:-1]]
         most = max(counts) if counts else 0
-        # Gradient w.r.t. the (post-ReLU) output of each hidden layer, one expert at a time.
-        scratch = [_empty(ws, f"scratch{l}", (most, h), x_SD) for l, h in enumerate(widths)]
-        recomputed = ([_empty(ws, f"recompute{l}", (most, h), x_SD) for l, h in enumerate(widths)]
-                      if options.recompute else None)
-        for expert, start, end in _segments(counts):
+        # Per thread: gradient w.r.t. the (post-ReLU) output of each hidden layer for one expert
+        # at a time, and the recomputed activations. Allocated here, in this thread.
+        scratch, recomputed = {}, {}
+        for p in range(_max_parts()):
+            scratch[p] = [_empty(ws, f"scratch{l}.{p}", (most, h), x_SD) for l, h in enumerate(widths)]
+            if options.recompute:
+                recomputed[p] = [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
+                                 for l, h in enumerate(widths)]
+
+        def work(part, expert, start, end):
             n = end - start
             x_rows = x_SD[start:end]
             if options.recompute:
-                acts = [h[:n] for h in recomputed]
+                acts = [h[:n] for h in recomputed[part]]
                 h = x_rows
                 for layer in range(num_layers - 1):
                     torch.addmm(biases[layer][expert], h, weights[layer][expert], out=acts[layer])
@@ -150,13 +244,15 @@ class _GroupedFeedForward(torch.autograd.Function):
                 torch.sum(g, dim=0, out=grad_b[layer][expert])
                 w_t = weights[layer][expert].t()
                 if layer > 0:
-                    g_in = scratch[layer - 1][:n]
+                    g_in = scratch[part][layer - 1][:n]
                     torch.mm(g, w_t, out=g_in)
                     # ReLU'(pre-activation) is 1 exactly where the post-ReLU value is > 0.
                     _relu_backward_(g_in, inputs[layer], 0, grad_input=g_in)
                     g = g_in
                 elif grad_x_SD is not None:
                     torch.mm(g, w_t, out=grad_x_SD[start:end])
+
+        _for_each_expert(work, counts, x_SD.device)
         for expert, count in enumerate(counts):
             if not count:  # buffers are uninitialised: experts without rows get 0
                 for grad in grad_w + grad_b:
