@@ -22,7 +22,7 @@ SYMBOLS = [chr(ord("a") + i) for i in range(12)]
 TRAIN_ARGS = [
     "--user-dir", "fairseq_smoe", "--task", "translation", "--cpu", "--seed", "1",
     "--criterion", "smoe_label_smoothed_cross_entropy", "--label-smoothing", "0",
-    "--optimizer", "adam", "--lr", "0.02", "--lr-scheduler", "warmup_hold_inverse_sqrt",
+    "--optimizer", "adam", "--lr", "0.01", "--lr-scheduler", "warmup_hold_inverse_sqrt",
     "--warmup-updates", "20", "--hold-updates", "1000", "--max-tokens", "1000",
     "--dropout", "0", "--num-workers", "0", "--log-format", "simple", "--log-interval", "50",
     "--no-epoch-checkpoints",
@@ -68,7 +68,7 @@ def generate_bleu(data, checkpoint, *extra):
     assert "Translated 100 sentences" in output, output[-2000:]
     match = re.search(r"BLEU4? = ([\d.]+)", output) or re.search(r'"score": ([\d.]+)', output)
     assert match, output[-2000:]
-    print(output.strip().splitlines()[-1], file=sys.stderr)
+    print(next(line for line in output.splitlines() if match.group(0) in line), file=sys.stderr)
     return float(match.group(1)), output
 
 
@@ -107,7 +107,9 @@ def test_batchwise_gating_learns_to_reverse(reversal_data, tmp_path):
 
     # App. F: in training every expert takes exactly m = k·|X|/n tokens, a share k/n = 0.5 of the
     # tokens (k = 2, n = 4). In eval the learned thresholds decide alone; each expert's share
-    # should stay near k/n, and the unrouted tokens are reported.
+    # should stay near k/n, and the unrouted tokens are reported. (With --lr 0.02 instead of
+    # 0.01 the gate softmax saturates, the training masks cut at probabilities ~1e-4, and the
+    # thresholds cannot follow: one encoder expert then took every token in eval.)
     shares = eval_expert_shares(reversal_data, tmp_path / "checkpoint_last.pt")
     print("eval-mode expert shares (train: 0.5 each):",
           {name: ([round(c / t, 3) for c in counts], round(unrouted / t, 4))
