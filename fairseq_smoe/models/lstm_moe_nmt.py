@@ -337,7 +337,8 @@ def count_parameters(args, src_vocab_size: int, tgt_vocab_size: int) -> int:
 def base_architecture(args):
     """The paper's model dimensions (§5.3) with a flat 32-expert MoE (k = 4) and strictly
     balanced gating (App. F); the other presets change the MoE."""
-    args.dropout = getattr(args, "dropout", None) if getattr(args, "dropout", None) is not None else 0.4
+    if getattr(args, "dropout", None) is None:
+        args.dropout = 0.4
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", None) or 512
     args.encoder_hidden_size = getattr(args, "encoder_hidden_size", None) or 2048
     args.encoder_layers = getattr(args, "encoder_layers", None) or 3
@@ -400,7 +401,8 @@ def lstm_moe_nmt_multilingual(args):
 def lstm_moe_nmt_tiny(args):
     """For tests: 32-dim layers, 64-unit LSTMs, 4 experts of hidden 64, k = 2, batchwise gating
     (about 0.13M parameters with a 20-symbol vocabulary)."""
-    args.dropout = 0.1 if getattr(args, "dropout", None) is None else args.dropout
+    if getattr(args, "dropout", None) is None:
+        args.dropout = 0.1
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", None) or 32
     args.encoder_hidden_size = getattr(args, "encoder_hidden_size", None) or 64
     args.attention_dim = getattr(args, "attention_dim", None) or 32
