@@ -92,7 +92,7 @@ done
 if [ "$f" = fr ]; then  # giga-fren ships its two sides gzipped inside the tar
   for l in en fr; do
     gz="$out/orig/giga-fren.release2.fixed.$l.gz"
-    [ -f "$gz" ] && gzip -d "$gz"
+    if [ -f "$gz" ]; then gzip -d "$gz"; fi
   done
 fi
 
