@@ -102,8 +102,15 @@ def test_batchwise_gating_learns_to_reverse(reversal_data, tmp_path):
     valid = last_valid_line(log)
     for name in ("encoder_moe", "decoder_moe"):  # the criterion logs the eval-mode routing
         assert f"{name}_unrouted" in valid and f"{name}_max_load" in valid
-    bleu, output = generate_bleu(reversal_data, tmp_path / "checkpoint_last.pt")
+    bleu, output = generate_bleu(reversal_data, tmp_path / "checkpoint_last.pt", "--print-alignment")
     assert bleu > 70, output[-1500:]
+    # Attention of a reversal model is the anti-diagonal: target i attends to source n-1-i, in the
+    # source positions fairseq gives the model (left-padded), as --print-alignment reads them.
+    lines = dict(line.split("\t", 1) for line in output.splitlines() if line[:2] in ("S-", "A-"))
+    pairs = [(len(lines["S-" + key[2:]].split()), pair) for key in lines if key.startswith("A-")
+             for pair in lines[key].split()]
+    anti_diagonal = sum(int(p.split("-")[0]) == n - 1 - int(p.split("-")[1]) for n, p in pairs)
+    assert anti_diagonal > 0.9 * len(pairs), (anti_diagonal, len(pairs))
 
     # App. F: in training every expert takes exactly m = k·|X|/n tokens, a share k/n = 0.5 of the
     # tokens (k = 2, n = 4). In eval the learned thresholds decide alone; each expert's share

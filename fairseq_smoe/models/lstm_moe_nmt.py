@@ -89,7 +89,7 @@ def make_embedding(num_embeddings: int, dim: int, padding_idx: int) -> nn.Embedd
 
 class LSTMMoEEncoder(FairseqEncoder):
     """``layers`` residual LSTM layers with a residual MoE before the last one (paper: 3 layers,
-    MoE between layers 2 and 3). Output: encoder states [B, S, D], right-padded."""
+    MoE between layers 2 and 3). Output: encoder states [B, S, D], padded like the input."""
 
     def __init__(self, args, dictionary, embed_tokens: nn.Embedding):
         super().__init__(dictionary)
@@ -121,11 +121,13 @@ class LSTMMoEEncoder(FairseqEncoder):
         self.moe = ResidualMoE(moe, args.dropout) if moe is not None else None
 
     def forward(self, src_tokens: torch.Tensor, src_lengths: Optional[torch.Tensor] = None, **kwargs):
-        # Packing wants right padding; fairseq's translation task left-pads sources by default.
-        src_tokens = utils.convert_padding_direction(src_tokens, self.padding_idx, left_to_right=True)
-        padding_mask_BS = src_tokens.eq(self.padding_idx)
+        # The LSTMs run on right padding (packing needs it); fairseq's translation task left-pads
+        # sources by default. The outputs go back to the caller's layout, so attention weights
+        # index the caller's source positions (fairseq-generate --print-alignment).
+        right_tokens = utils.convert_padding_direction(src_tokens, self.padding_idx, left_to_right=True)
+        padding_mask_BS = right_tokens.eq(self.padding_idx)
         lengths_B = (~padding_mask_BS).sum(1)
-        x_BSD = self.dropout(self.embed_tokens(src_tokens))
+        x_BSD = self.dropout(self.embed_tokens(right_tokens))
         moe_stats = {}
         for index, lstm in enumerate(self.layers):
             if index == self.moe_position and self.moe is not None:
@@ -133,6 +135,12 @@ class LSTMMoEEncoder(FairseqEncoder):
                 x_BSD, moe_stats["encoder_moe"] = self.moe(x_BSD, padding_mask_BS)
             x_BSD = x_BSD + self.dropout(run_lstm(lstm, x_BSD, lengths_B))
         x_BSD = x_BSD.masked_fill(padding_mask_BS.unsqueeze(-1), 0.0)
+        if right_tokens is not src_tokens:  # the input was left-padded: shift each row back
+            padding_mask_BS = src_tokens.eq(self.padding_idx)
+            S = src_tokens.shape[1]
+            left_pads_B = padding_mask_BS.sum(1)
+            index_BS = (torch.arange(S, device=x_BSD.device)[None, :] - left_pads_B[:, None]) % S
+            x_BSD = x_BSD.gather(1, index_BS.unsqueeze(-1).expand(-1, -1, x_BSD.shape[-1]))
         return {
             "encoder_out": x_BSD,  # [B, S, D]
             "encoder_padding_mask": padding_mask_BS,  # [B, S], True = padding
