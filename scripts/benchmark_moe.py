@@ -17,6 +17,8 @@ expert weights.
 
 Columns (see docs/performance.md):
     ratio       median MoE step time / median dense step time (forward + backward).
+    pair        median over the reps of MoE time / the dense time measured just before it:
+                steadier than "ratio" when the machine's load drifts during the run.
     w-floor     time to move the expert weights once per step (read forward, read backward,
                 write the gradient: 3 × weight bytes at the copy bandwidth measured in the same
                 run), divided by the dense step time. With few tokens per expert this traffic,
@@ -208,6 +210,7 @@ class Row:
     dense_ms: float
     moe_ms: float
     ratio: float
+    pair_ratio: float  # median over reps of (MoE time / the dense time measured just before it)
     weight_floor: float  # expert-weight traffic time / dense time
     moe_tokens_per_s: float
     dense_tokens_per_s: float
@@ -262,6 +265,7 @@ def measure(cfg: Config, tokens: int, dtype_name: str, device: torch.device, arg
         config=cfg.name, experts=cfg.num_experts, k=cfg.k, tokens=tokens, dtype=dtype_name,
         device=device.type, threads=torch.get_num_threads(),
         dense_ms=dense_med * 1e3, moe_ms=moe_med * 1e3, ratio=moe_med / dense_med,
+        pair_ratio=statistics.median(m / d for d, m in zip(dense_s, moe_s)),
         weight_floor=weight_floor,
         moe_tokens_per_s=tokens / moe_med, dense_tokens_per_s=tokens / dense_med,
         moe_gflops=flops / moe_med / 1e9, dense_gflops=flops / dense_med / 1e9,
@@ -277,7 +281,7 @@ def measure(cfg: Config, tokens: int, dtype_name: str, device: torch.device, arg
 # ----------------------------------------------------------------------------- output
 
 HEADER = (f"{'config':<11}{'tokens':>7} {'dtype':<5}{'dev':<5}{'dense ms':>9}{'MoE ms':>9}{'ratio':>7}"
-          f"{'target':>7}{'w-floor':>8}{'tok/s':>8}{'GFLOP/s':>8}{'dense':>7}{'act MiB':>9}"
+          f"{'pair':>7}{'target':>7}{'w-floor':>8}{'tok/s':>8}{'GFLOP/s':>8}{'dense':>7}{'act MiB':>9}"
           f"{'dense':>8}{'mem':>6}{'max/mean':>9}")
 
 
@@ -285,7 +289,8 @@ def format_row(r: Row) -> str:
     def opt(v, fmt):
         return format(v, fmt) if v is not None else "-"
     return (f"{r.config:<11}{r.tokens:>7} {r.dtype:<5}{r.device:<5}{r.dense_ms:>9.1f}{r.moe_ms:>9.1f}"
-            f"{r.ratio:>7.3f}{opt(r.target, '>7.2f'):>7}{r.weight_floor:>8.3f}{r.moe_tokens_per_s:>8.0f}"
+            f"{r.ratio:>7.3f}{r.pair_ratio:>7.2f}{opt(r.target, '>7.2f'):>7}{r.weight_floor:>8.3f}"
+            f"{r.moe_tokens_per_s:>8.0f}"
             f"{r.moe_gflops:>8.1f}{r.dense_gflops:>7.1f}{opt(r.moe_act_mib, '>9.0f'):>9}"
             f"{opt(r.dense_act_mib, '>8.0f'):>8}{opt(r.mem_ratio, '>6.2f'):>6}{r.max_over_mean:>9.2f}")
 
@@ -322,12 +327,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="also write all results as JSON to FILE ('-': stdout)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (< 1 min on 2 cores): moe-32 and moe-64-h, 2048 tokens, fp32 and "
-                        "bf16, 3 reps; options given explicitly still apply")
+                   help="smoke run (< 1 min on 2 cores): moe-32 and moe-64-h (4 groups), 1024 tokens, "
+                        "fp32 and bf16, 3 reps; options given explicitly still apply")
     args = p.parse_args(argv)
     if args.quick:
         explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
-        quick = {"--configs": ("configs", "moe-32,moe-64-h"), "--tokens": ("tokens", "2048"),
+        quick = {"--configs": ("configs", "moe-32,moe-64-h"), "--tokens": ("tokens", "1024"),
                  "--reps": ("reps", 3), "--groups": ("groups", 4)}
         for flag, (attr, value) in quick.items():
             if flag not in explicit:

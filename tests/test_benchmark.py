@@ -31,7 +31,7 @@ def test_quick_run_reports_every_column(tmp_path):
     for r in rows:
         assert r["tokens"] == 256 and r["device"] == "cpu" and r["threads"] == 1
         assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["ratio"] > 0
-        assert abs(r["ratio"] - r["moe_ms"] / r["dense_ms"]) < 1e-6
+        assert abs(r["ratio"] - r["moe_ms"] / r["dense_ms"]) < 1e-6 and r["pair_ratio"] > 0
         assert len(r["moe_all_ms"]) == len(r["dense_all_ms"]) == 2
         assert r["moe_act_mib"] > 0 and r["dense_act_mib"] > 0
         assert r["weight_floor"] > 0 and r["max_over_mean"] >= 1
