@@ -1,8 +1,12 @@
 """fairseq-smoe: the Sparsely-Gated Mixture-of-Experts layer (Shazeer et al. 2017) for fairseq.
 
 ``fairseq_smoe.modules`` is pure PyTorch. Importing the package as a fairseq plugin
-(``--user-dir fairseq_smoe``) also registers the models, tasks and criteria and makes
-fairseq checkpoints load under torch >= 2.6.
+(``--user-dir fairseq_smoe``) also registers the models, criteria and lr scheduler, and mends
+what the installed fairseq 0.12 needs on today's stack:
+  * checkpoint_compat: fairseq checkpoints load under torch >= 2.6 (weights_only default);
+  * numpy_compat: fairseq's datasets run under NumPy 2 (np.compat.long);
+  * batching_compat: the last batch of a dataset is no longer silently dropped;
+  * distributed: expert-parallel checkpoints and gradient clipping in fairseq's trainer.
 """
 
 __version__ = "0.1.0"
@@ -12,15 +16,11 @@ try:
 except ImportError:  # the modules work without fairseq
     pass
 else:
-    from . import checkpoint_compat
+    from . import batching_compat, checkpoint_compat, distributed, numpy_compat
 
     checkpoint_compat.install()
-    from . import numpy_compat
-
-    numpy_compat.install()  # fairseq's np.compat.long under NumPy 2
-    from . import distributed
-
-    distributed.install()  # expert-parallel checkpoints and gradient clipping in fairseq's trainer
-    from . import criterions  # noqa: F401  (fairseq's --user-dir imports only models/ and tasks/)
-    from . import lr_scheduler  # noqa: F401
-    from . import models  # noqa: F401
+    numpy_compat.install()
+    batching_compat.install()
+    distributed.install()
+    # fairseq's --user-dir imports only models/ and tasks/: register the rest here.
+    from . import criterions, lr_scheduler, models  # noqa: F401
