@@ -140,7 +140,7 @@ def test_batchwise_gate_normalises_over_the_mask_and_uses_thresholds_in_eval():
     with torch.no_grad():
         gate.w_gate.zero_()
         gate.w_gate[0] = torch.tensor([1.0, 0.0, -1.0])
-        gate.thresholds.copy_(torch.tensor([0.5, 0.2, 0.5]))
+        gate.log_thresholds.copy_(torch.tensor([0.5, 0.2, 0.5]).log())
     x = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     probs = torch.softmax(torch.tensor([1.0, 0.0, -1.0]), -1).tolist()  # row 0; row 1 is 1/3 each
     out = gate.eval()(x)

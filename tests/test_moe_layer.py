@@ -17,8 +17,8 @@ def randomise_gates(layer, scale=1.0):
         for name, p in layer.named_parameters():
             if "w_gate" in name or "w_noise" in name:
                 p.copy_(torch.randn_like(p) * scale)
-            if "thresholds" in name:
-                p.copy_(torch.rand_like(p) * 2 / p.numel())
+            if "log_thresholds" in name:
+                p.copy_(torch.log(torch.rand_like(p) * 2 / p.numel()))
     return layer
 
 

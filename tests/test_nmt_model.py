@@ -119,7 +119,7 @@ def test_moe_loss_reaches_gates_and_thresholds():
     loss.backward()
     for moe in (model.encoder.moe.moe, model.decoder.moe.moe):
         assert moe.gate.w_gate.grad.abs().sum() > 0
-        assert moe.gate.thresholds.grad is not None
+        assert moe.gate.log_thresholds.grad is not None
         assert moe.experts.weights[0].grad.abs().sum() > 0
 
 

@@ -19,12 +19,14 @@ Choices the paper leaves open (documented in the README too):
       the batch makes about k·|X| assignments and every expert trains on every batch.
     * L_batchwise is averaged over rows (so its scale does not grow with the batch), has
       weight 1, and its gradient reaches only the thresholds T (G_σ is detached in it): its
-      purpose is to teach T the training masks, not to move the gate.
+      purpose is to teach T the training masks, not to move the gate. T is parametrised as log T
+      so that its updates are relative and it can follow confident (saturated) gates.
     * A row that passes no threshold in eval gets no expert: its MoE output is 0 and the
       residual connection of the surrounding model carries it. The layer counts such rows
       in ``MoEStats.unrouted`` so it is never silent.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -206,7 +208,8 @@ class BatchwiseGate(nn.Module):
         G(x)_i = G_σ(x)_i · M_i / Σ_j G_σ(x)_j · M_j
 
     Training uses M_batchwise (every expert gets exactly m rows of the batch); eval uses
-    M_threshold with the learned ``thresholds`` T, trained by L_batchwise. The number of
+    M_threshold with the learned ``thresholds`` T (stored as ``log_thresholds``), trained by
+    L_batchwise. The number of
     experts a row visits varies (0 to n).
     """
 
@@ -217,8 +220,16 @@ class BatchwiseGate(nn.Module):
         # would be the same m rows and the rest of the batch would reach no expert. A small
         # random W_g keeps G_σ near uniform but gives each expert a different ordering.
         self.w_gate = nn.Parameter(torch.randn(input_dim, num_experts) * (0.1 / input_dim**0.5))
+        # T is learned as log T: an optimizer step then changes T by a factor, not by an amount,
+        # so T can follow gates of any scale (a confident gate's training masks can cut at
+        # probabilities around 1e-4, which an additive step of Adam's size cannot reach).
         # At initialisation G_σ ≈ 1/n everywhere; L_batchwise moves T from there.
-        self.thresholds = nn.Parameter(torch.full((num_experts,), 1.0 / num_experts))
+        self.log_thresholds = nn.Parameter(torch.full((num_experts,), -math.log(num_experts)))
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """T of App. F (eq. 17), per expert."""
+        return self.log_thresholds.exp()
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
         E, T = self.num_experts, x_TD.shape[0]
