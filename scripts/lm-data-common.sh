@@ -71,7 +71,7 @@ lm_binarize() {
   "$preprocess" --only-source --task language_modeling \
     --trainpref "$raw/train.tokens" --validpref "$raw/valid.tokens" --testpref "$raw/test.tokens" \
     --destdir "$bin" --workers "$workers" "$@" 2>&1 \
-    | grep -v -e "tensorboardX" -e "^$" | sed 's/^/    /' >&2
+    | grep -v -e "tensorboardX" -e "Namespace(" -e "^$" | sed 's/^/    /' >&2
   [ -f "$bin/train.bin" ] && [ -f "$bin/dict.txt" ] \
     || lm_die "fairseq-preprocess did not produce $bin/train.bin (see its output above)"
   lm_say "done: $bin (dict.txt: $(wc -l < "$bin/dict.txt") entries; fairseq adds <s> <pad> </s> <unk>)"
