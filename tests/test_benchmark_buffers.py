@@ -173,3 +173,12 @@ def test_experts_split_over_threads_match_one_thread(monkeypatch, kind):
     assert_same(run(3, True), run(1, False))
     assert experts_module._partition([(0, 0, 5), (1, 5, 6), (2, 6, 12), (3, 12, 20)], 2) == [
         [(0, 0, 5), (1, 5, 6), (2, 6, 12)], [(3, 12, 20)]]
+
+
+def test_workspace_pickles_empty(reuse_small_buffers):
+    import pickle
+
+    layer = make_layer("flat")
+    step(layer, torch.randn(64, 8), seed=0)
+    assert layer.experts.workspace.nbytes() > 0
+    assert pickle.loads(pickle.dumps(layer.experts.workspace)).nbytes() == 0

@@ -63,15 +63,17 @@ def _partition(segments, parts: int):
 
 _executor: Optional[ThreadPoolExecutor] = None
 _executor_workers = 0
+_executor_pid = 0
 _executor_lock = threading.Lock()
 
 
 def _get_executor(workers: int) -> ThreadPoolExecutor:
-    global _executor, _executor_workers
+    global _executor, _executor_workers, _executor_pid
     with _executor_lock:
-        if _executor is None or _executor_workers < workers:
+        # A forked child inherits the pool object but not its threads: make a new one there.
+        if _executor is None or _executor_workers < workers or _executor_pid != os.getpid():
             _executor = ThreadPoolExecutor(workers, thread_name_prefix="smoe-experts")
-            _executor_workers = workers
+            _executor_workers, _executor_pid = workers, os.getpid()
         return _executor
 
 
