@@ -104,7 +104,8 @@ class NoisyTopKGate(nn.Module):
         add_noise = self.training and self.noisy
         if add_noise:
             noise_std_TE = F.softplus(raw_noise_TE) + self.noise_epsilon  # eq. (4)
-            noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE  # H(x)
+            # H(x) = clean + N(0,1)·std in one fused pass (addcmul), same draw as randn_like.
+            noisy_TE = torch.addcmul(clean_TE, torch.randn_like(clean_TE), noise_std_TE)
         else:
             noisy_TE = clean_TE
 
