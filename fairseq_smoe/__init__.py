@@ -6,7 +6,8 @@ what the installed fairseq 0.12 needs on today's stack:
   * checkpoint_compat: fairseq checkpoints load under torch >= 2.6 (weights_only default);
   * numpy_compat: fairseq's datasets run under NumPy 2 (np.compat.long);
   * batching_compat: the last batch of a dataset is no longer silently dropped;
-  * distributed: expert-parallel checkpoints and gradient clipping in fairseq's trainer.
+  * distributed: expert-parallel checkpoints and gradient clipping in fairseq's trainer;
+  * cli_errors: our configuration errors end fairseq commands with one line naming the fix.
 """
 
 __version__ = "0.1.0"
@@ -16,11 +17,12 @@ try:
 except ImportError:  # the modules work without fairseq
     pass
 else:
-    from . import batching_compat, checkpoint_compat, distributed, numpy_compat
+    from . import batching_compat, checkpoint_compat, cli_errors, distributed, numpy_compat
 
     checkpoint_compat.install()
     numpy_compat.install()
     batching_compat.install()
     distributed.install()
+    cli_errors.install()
     # fairseq's --user-dir imports only models/ and tasks/: register the rest here.
     from . import criterions, lr_scheduler, models  # noqa: F401

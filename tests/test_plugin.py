@@ -69,3 +69,20 @@ def test_last_partial_batch_is_kept():
                                            max_sentences=max_sentences, required_batch_size_multiple=8)
         assert sorted(np.concatenate(batches).tolist()) == list(range(100))
         assert all(len(b) % 8 == 0 for b in batches[:-1])  # the multiple still holds elsewhere
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--moe-num-experts", "4", "--moe-k", "5"], "--moe-k 5 is larger than --moe-num-experts 4"),
+    (["--moe-num-experts", "6", "--moe-groups", "4"], "not divisible by --moe-groups 4"),
+])
+def test_bad_moe_options_end_fairseq_train_with_one_clear_line(tmp_path, extra, message):
+    (tmp_path / "dict.txt").write_text("a 5\nb 4\n")
+    result = subprocess.run(
+        [os.path.join(BIN, "fairseq-train"), str(tmp_path), "--user-dir", USER_DIR,
+         "--task", "language_modeling", "--arch", "lstm_moe_lm_wikitext2_demo",
+         "--criterion", "smoe_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
+         "--max-tokens", "512", "--cpu", "--save-dir", str(tmp_path / "ckpt"), *extra],
+        capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"fairseq-smoe: error: lstm_moe_lm: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
