@@ -73,7 +73,8 @@ def test_last_partial_batch_is_kept():
 
 @pytest.mark.parametrize("extra, message", [
     (["--moe-num-experts", "4", "--moe-k", "5"], "--moe-k 5 is larger than --moe-num-experts 4"),
-    (["--moe-num-experts", "6", "--moe-groups", "4"], "not divisible by --moe-groups 4"),
+    (["--moe-num-experts", "6", "--moe-groups", "4"],
+     "--moe-num-experts 6 is not divisible by --moe-groups 4"),
 ])
 def test_bad_moe_options_end_fairseq_train_with_one_clear_line(tmp_path, extra, message):
     (tmp_path / "dict.txt").write_text("a 5\nb 4\n")
