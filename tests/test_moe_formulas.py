@@ -171,3 +171,10 @@ def test_importance_is_the_sum_of_gates_and_padding_is_not_counted():
     assert stats.importance.tolist() == pytest.approx(torch.stack(G_real).sum(0).tolist(), abs=1e-6)
     assert stats.counts.sum().item() == 3 * 2  # 3 real tokens × k
     assert stats.num_tokens.item() == 3
+
+
+def test_batchwise_gate_loads_checkpoints_that_stored_linear_thresholds():
+    gate = BatchwiseGate(2, 3, k=1)
+    state = {"w_gate": torch.randn(2, 3), "thresholds": torch.tensor([0.5, 0.2, 0.1])}
+    gate.load_state_dict(state)
+    assert gate.thresholds.tolist() == pytest.approx([0.5, 0.2, 0.1])

@@ -232,6 +232,13 @@ class BatchwiseGate(nn.Module):
         """T of App. F (eq. 17), per expert."""
         return self.log_thresholds.exp()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before T was stored as log T hold "thresholds": convert them.
+        old_key = prefix + "thresholds"
+        if old_key in state_dict and prefix + "log_thresholds" not in state_dict:
+            state_dict[prefix + "log_thresholds"] = state_dict.pop(old_key).clamp_min(1e-30).log()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
         E, T = self.num_experts, x_TD.shape[0]
         probs_TE = torch.softmax(_at_least_fp32(x_TD @ self.w_gate), dim=-1)  # G_σ(x)
