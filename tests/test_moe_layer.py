@@ -252,3 +252,13 @@ def test_two_forwards_before_backward_and_accumulated_gradients(reuse, monkeypat
             torch.testing.assert_close(p.grad, expected, atol=1e-3, rtol=1e-4, msg=name)
     torch.testing.assert_close(ya, copies[0](xa)[0])
     torch.testing.assert_close(yb, copies[1](xb)[0])
+
+
+def test_layer_pickles_and_deep_copies():
+    import copy
+    import pickle
+
+    layer = make_hierarchical("noisy_top_k").eval()
+    x = torch.randn(5, 8)
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(clone(x)[0], layer(x)[0])

@@ -8,6 +8,7 @@ import torch
 
 # The reference code adds these to keep CV² finite and make a single expert give 0.
 _CV_EPS = 1e-10
+_INV_SQRT2 = 0.5**0.5
 
 
 def cv_squared(values_E: torch.Tensor) -> torch.Tensor:
@@ -61,10 +62,7 @@ def smooth_load(
     threshold_if_in_T1 = noisy_top_values_TK[:, k : k + 1]
     threshold_if_out_T1 = noisy_top_values_TK[:, k - 1 : k]
     is_in_TE = noisy_logits_TE > threshold_if_in_T1
-    normal = torch.distributions.Normal(
-        torch.zeros((), device=clean_logits_TE.device, dtype=clean_logits_TE.dtype),
-        torch.ones((), device=clean_logits_TE.device, dtype=clean_logits_TE.dtype),
-    )
-    prob_if_in_TE = normal.cdf((clean_logits_TE - threshold_if_in_T1) / noise_std_TE)
-    prob_if_out_TE = normal.cdf((clean_logits_TE - threshold_if_out_T1) / noise_std_TE)
-    return torch.where(is_in_TE, prob_if_in_TE, prob_if_out_TE)
+    # Pick each expert's threshold first, then one Φ over tokens × experts (not two).
+    threshold_TE = torch.where(is_in_TE, threshold_if_in_T1, threshold_if_out_T1)
+    z_TE = (clean_logits_TE - threshold_TE) / noise_std_TE
+    return 0.5 * torch.erfc(z_TE * -_INV_SQRT2)  # Φ(z) = erfc(−z/√2)/2, accurate in both tails

@@ -26,6 +26,11 @@ from .stats import MoEStats, balance_losses, count_unrouted
 from .workspace import Workspace
 
 
+def _this_worker_only(totals: torch.Tensor) -> torch.Tensor:
+    """``sum_over_workers`` of a single process (a named function, so layers pickle)."""
+    return totals
+
+
 def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -68,7 +73,7 @@ class MoELayerBase(nn.Module):
         # Sums per-expert totals over data-parallel workers before the CV² (§1.2), so the
         # balance loss sees the global batch. Identity in a single process; set by
         # fairseq_smoe.distributed when training is distributed. Must be differentiable.
-        self.sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        self.sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = _this_worker_only
         # Reused dispatch/combine buffers between steps on CPU (workspace.py); not state.
         self.workspace = Workspace()
 
