@@ -39,8 +39,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   --keep-interval-updates 1 --num-workers 0 --log-format simple --log-interval 20 --seed 1 \
   2>&1 | grep --line-buffered -v tensorboardX | tee "$out/train.log"
 
-# Beam search on test2016; --required-batch-size-multiple 1 keeps fairseq from dropping the
-# last partial batch. Tokenized BLEU on the lower-cased tok/ references (the usual Multi30k
+# Beam search on test2016 (the plugin keeps the last partial batch that fairseq alone would
+# drop; --required-batch-size-multiple 1 is belt and braces). Tokenized BLEU on the lower-cased tok/ references (the usual Multi30k
 # figure), then sacreBLEU on the same de-BPE'd text.
 "$bin/fairseq-generate" "$data" --user-dir fairseq_smoe --cpu --path "$out/checkpoints/checkpoint_best.pt" \
   --gen-subset test --beam 5 --batch-size 64 --required-batch-size-multiple 1 --remove-bpe \
