@@ -136,7 +136,7 @@ def test_batchwise_gating_learns_to_reverse(reversal_data, tmp_path):
 
 
 def test_noisy_top_k_gating_learns_to_reverse(reversal_data, tmp_path):
-    train(reversal_data, tmp_path, "lstm_moe_nmt_tiny", 300, "--moe-gating", "noisy_top_k")
+    train(reversal_data, tmp_path, "lstm_moe_nmt_tiny", 450, "--moe-gating", "noisy_top_k")
     bleu, output = generate_bleu(reversal_data, tmp_path / "checkpoint_last.pt",
                                  "--scoring", "sacrebleu")
     assert bleu > 70, output[-1500:]
