@@ -1,15 +1,17 @@
 """A slow, dense reference of the MoE layers, written straight from the paper's equations.
 
 Every expert runs on every token and the gates are full [T, n] matrices, so nothing here shares
-code with the sparse implementation except the parameters it reads. Noise is drawn from the
-global generator in the same order and shapes as the layer draws it, so seeding both identically
-gives identical noise.
+code with the sparse implementation except the parameters it reads and the noise sampler
+(``gate_noise``, the layer's random input, not its math): noise is drawn in the same order and
+shapes as the layer draws it, so seeding both identically gives identical noise.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+from fairseq_smoe.modules.noisy_topk import gate_noise
 
 
 def expert_outputs(experts, x_TD):
@@ -60,7 +62,7 @@ def dense_gate(gate, x_TD, training, keep_T=None):
     noisy_training = training and gate.noisy
     if noisy_training:
         std = F.softplus((x_TD @ gate.w_noise).float()) + gate.noise_epsilon
-        noise = torch.randn(noise_rows, n, dtype=clean.dtype)
+        noise = gate_noise(noise_rows, n, clean.dtype, clean.device)
         H = clean + (noise if keep_T is None else noise[keep_T]) * std
     else:
         H = clean

@@ -156,9 +156,10 @@ def test_experts_split_over_threads_match_one_thread(monkeypatch, kind):
     """The expert loop runs on torch.get_num_threads() threads (experts split by rows); the
     results must not depend on it."""
     from fairseq_smoe.modules import experts as experts_module
+    from fairseq_smoe.modules import threads as threads_module
 
     def run(threads, split):
-        monkeypatch.setattr(experts_module, "EXPERT_THREADS", split)
+        monkeypatch.setattr(threads_module, "ENABLED", split)
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:

@@ -16,6 +16,7 @@ from fairseq_smoe.modules.gating import (
     batchwise_threshold_loss,
     threshold_mask,
 )
+from fairseq_smoe.modules.noisy_topk import NOISE_BLOCK_ROWS, gate_noise, noisy_top_k
 
 
 def phi(z):
@@ -68,7 +69,7 @@ def test_noise_is_drawn_only_in_training_with_softplus_std_plus_epsilon():
     with torch.no_grad():
         gate.w_noise[0] = torch.tensor([0.5, -1.0, 2.0])
     torch.manual_seed(7)
-    noise = torch.randn(1, 3)
+    noise = gate_noise(1, 3, torch.float32, "cpu")
     std = torch.nn.functional.softplus(torch.tensor([0.5, -1.0, 2.0])) + 1e-2
     expected_expert = int((noise[0] * std).argmax())
     torch.manual_seed(7)
@@ -178,3 +179,76 @@ def test_batchwise_gate_loads_checkpoints_that_stored_linear_thresholds():
     state = {"w_gate": torch.randn(2, 3), "thresholds": torch.tensor([0.5, 0.2, 0.1])}
     gate.load_state_dict(state)
     assert gate.thresholds.tolist() == pytest.approx([0.5, 0.2, 0.1])
+
+
+def _smooth_load_by_autograd(logits, noise, valid, k, eps):
+    """Noisy top-k (eq. 3-5) and Load (eq. 10) composed from torch ops and balance.smooth_load."""
+    E = noise.shape[1]
+    clean, raw = logits[:, :E], logits[:, E:]
+    std = torch.nn.functional.softplus(raw) + eps
+    noisy = clean + noise * std
+    top_values, top_experts = noisy.topk(k + 1, dim=-1)
+    gate = torch.softmax(top_values[:, :k], dim=-1)
+    prob = smooth_load(clean, noisy, std, top_values, k) * valid[:, None]
+    return gate, top_experts[:, :k], prob.sum(0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_fused_noisy_top_k_equals_the_formulas_and_their_autograd_gradients(monkeypatch, k):
+    """noisy_topk.py computes gates, experts and Load block by block (here 7 blocks, split over
+    the threads) with a hand-written backward; values and all gradients must equal the plain
+    composition of the formulas."""
+    from fairseq_smoe.modules import noisy_topk
+
+    monkeypatch.setattr(noisy_topk, "_BLOCK_ELEMENTS", 600)
+    torch.manual_seed(k)
+    T, E = 700, 6
+    logits = torch.randn(T, 2 * E, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(T, E, dtype=torch.float64)
+    valid = torch.rand(T) > 0.2
+    fused = noisy_top_k(logits, noise, valid, k, 1e-2)
+    reference = _smooth_load_by_autograd(logits, noise, valid.double(), k, 1e-2)
+    torch.testing.assert_close(fused[0], reference[0])
+    assert torch.equal(fused[1], reference[1])
+    torch.testing.assert_close(fused[2], reference[2])
+    weight_gate, weight_load = torch.randn(T, k, dtype=torch.float64), torch.randn(E, dtype=torch.float64)
+    grads = [torch.autograd.grad((out[0] * weight_gate).sum() + (out[2] * weight_load).sum(), logits)[0]
+             for out in (fused, reference)]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_fused_noisy_top_k_passes_gradcheck_across_blocks(monkeypatch):
+    from fairseq_smoe.modules import noisy_topk
+
+    monkeypatch.setattr(noisy_topk, "_BLOCK_ELEMENTS", 64)  # 16-row blocks: many of them
+    torch.manual_seed(0)
+    T, E = 50, 5
+    logits = torch.randn(T, 2 * E, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(T, E, dtype=torch.float64)
+    valid = torch.rand(T) > 0.3
+    assert torch.autograd.gradcheck(lambda lg: noisy_top_k(lg, noise, valid, 2, 1e-2)[::2], (logits,))
+
+
+def test_fused_noisy_top_k_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="0 < k < number of experts"):
+        noisy_top_k(torch.zeros(3, 8), torch.zeros(3, 4), None, 4, 1e-2)
+    with pytest.raises(ValueError, match="logits must be"):
+        noisy_top_k(torch.zeros(3, 6), torch.zeros(3, 4), None, 2, 1e-2)
+
+
+def test_gate_noise_is_standard_normal_reproducible_and_independent_of_threads():
+    torch.manual_seed(3)
+    one = gate_noise(2000, 64, torch.float32, "cpu")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        single = gate_noise(2000, 64, torch.float32, "cpu")
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, single)
+    assert abs(one.mean().item()) < 0.01 and abs(one.std().item() - 1) < 0.01
+    # Blocks of rows draw from different streams: no two blocks repeat each other.
+    rows = NOISE_BLOCK_ROWS
+    assert not torch.equal(one[:rows], one[rows : 2 * rows])
+    assert not torch.equal(gate_noise(5, 3, torch.float32, "cpu"), gate_noise(5, 3, torch.float32, "cpu"))

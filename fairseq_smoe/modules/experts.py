@@ -23,15 +23,13 @@ activations in backward, trading one more forward matmul for the hidden-layer me
 """
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from . import threads
 from .workspace import Workspace
 
 _relu_backward_ = torch.ops.aten.threshold_backward.grad_input  # (grad, post-ReLU value, 0, out=)
@@ -61,73 +59,28 @@ def _partition(segments, parts: int):
     return [r for r in runs if r]
 
 
-_executor: Optional[ThreadPoolExecutor] = None
-_executor_workers = 0
-_executor_pid = 0
-_executor_lock = threading.Lock()
-
-
-def _get_executor(workers: int) -> ThreadPoolExecutor:
-    global _executor, _executor_workers, _executor_pid
-    with _executor_lock:
-        # A forked child inherits the pool object but not its threads: make a new one there.
-        if _executor is None or _executor_workers < workers or _executor_pid != os.getpid():
-            _executor = ThreadPoolExecutor(workers, thread_name_prefix="smoe-experts")
-            _executor_workers, _executor_pid = workers, os.getpid()
-        return _executor
-
-
-def _run_serial(work, part, segments):
-    # Grad mode is thread-local; the tensors here are written with out= and need none.
-    with torch.no_grad():
-        torch.set_num_threads(1)
-        for expert, start, end in segments:
-            work(part, expert, start, end)
-
-
-# Set SMOE_EXPERT_THREADS=0 to keep one expert at a time with multi-threaded matrix products.
-EXPERT_THREADS = os.environ.get("SMOE_EXPERT_THREADS", "1") not in ("0", "false", "no")
-
-
 def _for_each_expert(work, counts: Sequence[int], device: torch.device) -> int:
     """Call ``work(part, expert, start, end)`` for every expert with rows; returns the number
     of parts (threads) used, each with its own ``part`` index for scratch buffers.
 
-    On CPU with T = torch.get_num_threads() > 1 and at least 2·T busy experts, the experts are
-    split into T runs of about equal rows, run concurrently by T threads (this one and T − 1
-    pool threads), each with single-threaded kernels. Many experts' matrix products are small:
-    splitting each of them over T threads pays a thread barrier per product, and on a shared,
-    oversubscribed CPU each barrier can wait for a descheduled thread (measured here: the same
-    32 products 2-3× slower with 2 intra-op threads than with 1 under load). Experts are
-    independent (disjoint rows, their own weight and gradient slices), so no result depends
-    on the split."""
+    On CPU with T threads (threads.py) and at least 2·T busy experts, the experts are split
+    into T runs of about equal rows, run concurrently, each with single-threaded kernels: many
+    experts' matrix products are small, and splitting each of them over T threads pays a thread
+    barrier per product. Experts are independent (disjoint rows, their own weight and gradient
+    slices), so no result depends on the split."""
     segments = list(_segments(counts))
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or not EXPERT_THREADS or threads < 2 or len(segments) < 2 * threads:
+    num_parts = threads.parts(device)
+    if num_parts < 2 or len(segments) < 2 * num_parts:
         for expert, start, end in segments:
             work(0, expert, start, end)
         return 1
-    runs = _partition(segments, threads)
-    executor = _get_executor(len(runs) - 1)
-    futures = [executor.submit(_run_serial, work, part, run) for part, run in enumerate(runs) if part]
-    try:
-        _run_serial(work, 0, runs[0])
-    finally:
-        errors = []
-        for future in futures:  # always wait: the pool threads write into shared buffers
-            try:
-                future.result()
-            except BaseException as error:  # noqa: B036 - re-raised below
-                errors.append(error)
-        torch.set_num_threads(threads)
-    if errors:
-        raise errors[0]
+    runs = _partition(segments, num_parts)
+
+    def run(part):
+        return lambda: [work(part, *segment) for segment in runs[part]]
+
+    threads.run_parts([run(part) for part in range(len(runs))])
     return len(runs)
-
-
-def _max_parts() -> int:
-    """Most threads ``_for_each_expert`` may use (scratch buffers are allocated per thread)."""
-    return max(1, torch.get_num_threads()) if EXPERT_THREADS else 1
 
 
 def _expert_forward(x_rows, weights, biases, expert, hidden_out, y_out):
@@ -188,7 +141,7 @@ class _GroupedFeedForward(torch.autograd.Function):
 
         if options.recompute:  # allocate in this thread: the workspace is not thread-safe
             scratch.update({p: [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
-                                for l, h in enumerate(widths)] for p in range(_max_parts())})
+                                for l, h in enumerate(widths)] for p in range(threads.max_parts())})
         _for_each_expert(work, counts, x_SD.device)
         ctx.counts, ctx.options, ctx.num_layers = counts, options, num_layers
         if options.recompute:
@@ -222,7 +175,7 @@ class _GroupedFeedForward(torch.autograd.Function):
         # Per thread: gradient w.r.t. the (post-ReLU) output of each hidden layer for one expert
         # at a time, and the recomputed activations. Allocated here, in this thread.
         scratch, recomputed = {}, {}
-        for p in range(_max_parts()):
+        for p in range(threads.max_parts()):
             scratch[p] = [_empty(ws, f"scratch{l}.{p}", (most, h), x_SD) for l, h in enumerate(widths)]
             if options.recompute:
                 recomputed[p] = [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)

@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .balance import smooth_load
+from .noisy_topk import gate_noise, noisy_top_k
+from .workspace import Workspace
 
 GATING_MODES = ("noisy_top_k", "top_k", "softmax", "batchwise")
 
@@ -90,42 +91,42 @@ class NoisyTopKGate(nn.Module):
         self.noise_epsilon = noise_epsilon
         self.w_gate = nn.Parameter(torch.zeros(input_dim, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(input_dim, num_experts)) if noisy else None
+        # Reused noise and logit-gradient buffers between steps on CPU (workspace.py); not state.
+        self.workspace = Workspace()
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
         E, k = self.num_experts, self.k
         T = x_TD.shape[0]
-        if self.noisy:
-            # One matmul for both projections: x·[W_g | W_noise].
-            both_T2E = x_TD @ torch.cat([self.w_gate, self.w_noise], dim=1)
-            clean_TE, raw_noise_TE = _at_least_fp32(both_T2E).split(E, dim=1)
-        else:
-            clean_TE, raw_noise_TE = _at_least_fp32(x_TD @ self.w_gate), None
-
         add_noise = self.training and self.noisy
         if add_noise:
-            noise_std_TE = F.softplus(raw_noise_TE) + self.noise_epsilon  # eq. (4)
-            # H(x) = clean + N(0,1)·std in one fused pass (addcmul), same draw as randn_like.
-            noisy_TE = torch.addcmul(clean_TE, torch.randn_like(clean_TE), noise_std_TE)
+            # One matmul for both projections: x·[W_g | W_noise].
+            logits_T2E = _at_least_fp32(x_TD @ torch.cat([self.w_gate, self.w_noise], dim=1))
+            noise_TE = self.draw_noise(logits_T2E[:, :E])
         else:
-            noisy_TE = clean_TE
+            logits_T2E, noise_TE = _at_least_fp32(x_TD @ self.w_gate), None
 
-        # KeepTopK (eq. 5): the k+1-th value is kept too, for the load estimator's threshold.
-        top_values_TK, top_experts_TK = noisy_TE.topk(min(k + 1, E), dim=-1)
-        gate_TK = torch.softmax(top_values_TK[:, :k], dim=-1)  # softmax over the kept k only
-        expert_TK = top_experts_TK[:, :k]
+        if add_noise and k < E:
+            # H(x), KeepTopK, softmax and the smooth load in one blocked pass (noisy_topk.py).
+            gate_TK, expert_TK, load_E = noisy_top_k(logits_T2E, noise_TE, valid_T, k,
+                                                     self.noise_epsilon, self.workspace)
+        else:
+            # No noise (eval, or the plain top-k gate), or k = n: the load is the counts.
+            clean_TE = logits_T2E[:, :E]
+            noisy_TE = clean_TE
+            if add_noise:  # eq. (4)
+                noise_std_TE = F.softplus(logits_T2E[:, E:]) + self.noise_epsilon
+                noisy_TE = torch.addcmul(clean_TE, noise_TE, noise_std_TE)
+            top_values_TK, expert_TK = noisy_TE.topk(k, dim=-1)  # KeepTopK (eq. 5)
+            gate_TK = torch.softmax(top_values_TK, dim=-1)  # softmax over the kept k only
+            load_E = None
         if valid_T is not None:
             expert_TK = torch.where(valid_T[:, None], expert_TK, E)
             gate_TK = gate_TK * valid_T[:, None]
 
         expert_A, gate_A = expert_TK.reshape(-1), gate_TK.reshape(-1)
         counts_E = _counts(expert_A, E)
-        if add_noise and k < E:
-            prob_TE = smooth_load(clean_TE, noisy_TE, noise_std_TE, top_values_TK, k)
-            if valid_T is not None:
-                prob_TE = prob_TE * valid_T[:, None]
-            load_E = prob_TE.sum(0)  # eq. (10)
-        else:
-            load_E = counts_E.float()  # no noise or k == n: the load is deterministic
+        if load_E is None:
+            load_E = counts_E.to(logits_T2E.dtype)  # deterministic without noise or with k = n
         return GateOutput(
             row_A=torch.arange(T, device=x_TD.device).repeat_interleave(k),
             expert_A=expert_A,
@@ -133,9 +134,15 @@ class NoisyTopKGate(nn.Module):
             importance_E=_per_expert_sum(expert_A, gate_A, E),
             load_E=load_E,
             counts_E=counts_E,
-            aux_loss=clean_TE.new_zeros(()),
+            aux_loss=logits_T2E.new_zeros(()),
             num_rows=_num_real_rows(valid_T, T),
         )
+
+
+    def draw_noise(self, clean_TE: torch.Tensor) -> torch.Tensor:
+        """N(0, 1) noise shaped like the clean logits (noisy_topk.gate_noise)."""
+        return gate_noise(clean_TE.shape[0], clean_TE.shape[1], clean_TE.dtype, clean_TE.device,
+                          self.workspace)
 
 
 class SoftmaxGate(nn.Module):

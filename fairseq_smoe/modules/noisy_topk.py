@@ -1,0 +1,209 @@
+"""Noisy top-k gating and its smooth load, fused into one pass over blocks of rows (paper §2.1,
+eq. 3-5 and 8-10; PAPER.md §1.1-1.2).
+
+For a block of rows with clean logits x·W_g and raw noise logits x·W_noise:
+
+    std      = softplus(x·W_noise) + ε                          eq. (4), ε as in the reference code
+    H        = x·W_g + N(0,1)·std                               eq. (4)
+    G        = softmax(KeepTopK(H, k))                          eq. (3), (5)
+    P(x, i)  = Φ((x·W_g)_i − kth_excluding(H, k, i)) / std_i)  eq. (8), (9)
+    Load     = Σ_x P(x, ·)                                      eq. (10)
+
+Written with autograd, this is about twenty passes over tokens × experts tensors forward and
+backward, each a fresh allocation: at 32k tokens × 256 experts (32 MiB per tensor) they cost
+more than the gate's matrix product and page-fault new memory at every step. Here the forward
+and backward each read the logits and the noise once, block by block of rows, with every
+temporary small enough to stay in cache, and blocks run on the intra-op threads side by side
+(threads.py). Backward recomputes z from the saved logits and std; H is differentiable only at
+each row's k+1 top values, so only the noise there is kept. The gradients are the exact
+derivatives of the formulas above, the same as autograd's (tests/test_moe_formulas.py checks
+them against autograd through ``balance.smooth_load``, tests/test_moe_layer.py the whole layer
+against a dense reference).
+
+Noise (``gate_noise``) is drawn from the global generator's stream: on CPU one seed is drawn from
+it per call, and each block of ``NOISE_BLOCK_ROWS`` rows draws from its own generator seeded
+with seed + block index, so blocks can draw in parallel and the noise does not depend on the
+number of threads; ``torch.manual_seed`` makes it reproducible. On other devices it is one
+``torch.randn`` on the device's generator.
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import threads
+from .workspace import Workspace
+
+NOISE_BLOCK_ROWS = 256
+_INV_SQRT2 = 0.5**0.5
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# Elements per block of the fused pass (1 MiB per fp32 temporary): measured fastest here among
+# 2^14..2^20 (smaller blocks pay per-operation overhead, larger ones fall out of cache).
+_BLOCK_ELEMENTS = 1 << 18
+_SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default: linear above it
+
+
+def _empty(workspace: Optional[Workspace], name, shape, dtype, device) -> torch.Tensor:
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.empty(name, shape, dtype, device)
+
+
+def gate_noise(rows: int, num_experts: int, dtype: torch.dtype, device: torch.device,
+               workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """N(0, 1) noise [rows, num_experts] for the noisy gate (see the module docstring)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.randn(rows, num_experts, dtype=dtype, device=device)
+    noise_TE = _empty(workspace, "noise", (rows, num_experts), dtype, device)
+    seed = int(torch.randint(0, 2**62, ()))  # advances the global generator, once
+    blocks = [range(start, min(start + NOISE_BLOCK_ROWS, rows))
+              for start in range(0, rows, NOISE_BLOCK_ROWS)]
+
+    def draw(block_ids: range):
+        def task():
+            generator = torch.Generator()
+            for b in block_ids:
+                generator.manual_seed(seed + b)
+                rows_b = blocks[b]
+                torch.randn((len(rows_b), num_experts), generator=generator, dtype=dtype,
+                            out=noise_TE[rows_b.start : rows_b.stop])
+        return task
+
+    threads.run_parts([draw(ids) for ids in threads.split_evenly(len(blocks), threads.parts(device))])
+    return noise_TE
+
+
+def _row_blocks(rows: int, num_experts: int, device: torch.device) -> List[range]:
+    if device.type != "cpu":
+        return [range(0, rows)] if rows else []
+    step = max(16, _BLOCK_ELEMENTS // max(num_experts, 1))
+    return [range(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _for_each_block(blocks: List[range], device: torch.device, work) -> None:
+    """work(block index, rows) for every block, blocks split over the threads in runs."""
+    def run(ids: range):
+        return lambda: [work(b, blocks[b]) for b in ids]
+    threads.run_parts([run(ids) for ids in threads.split_evenly(len(blocks), threads.parts(device))])
+
+
+def _margin(clean, std, top_values, top_experts, k):
+    """z of eq. (9) for one block: z = (clean − kth_excluding(H, k, i)) / std.
+
+    kth_excluding is the k-th largest H for an expert outside the top k and the (k+1)-th for
+    one of the k inside: z is computed against the k-th for every expert, then rewritten at the
+    k top positions only. (With tied H the two bars are equal, so the choice of which tied
+    expert counts as "inside" does not change z.) No tokens × experts mask is ever built:
+    comparisons into bool tensors and ``where`` on them are several times slower than float
+    arithmetic on CPU (measured: ``where`` on a 256 × 256 block ~350 µs, a subtraction ~15 µs)."""
+    kth, kth_plus_one = top_values[:, k - 1 : k], top_values[:, k : k + 1]
+    inside = top_experts[:, :k]
+    z = torch.sub(clean, kth).div_(std)
+    z_inside = clean.gather(1, inside).sub_(kth_plus_one).div_(std.gather(1, inside))
+    return z.scatter_(1, inside, z_inside)
+
+
+class _NoisyTopK(torch.autograd.Function):
+    """(gate_TK, expert_TK, load_E) from logits_T2E = x·[W_g | W_noise] and noise_TE."""
+
+    @staticmethod
+    def forward(ctx, logits_T2E, noise_TE, valid_T, k, eps, workspace):
+        T, E = noise_TE.shape
+        dtype, device = logits_T2E.dtype, logits_T2E.device
+        top_values_TK1 = torch.empty(T, k + 1, dtype=dtype, device=device)
+        top_experts_TK1 = torch.empty(T, k + 1, dtype=torch.long, device=device)
+        top_noise_TK1 = torch.empty(T, k + 1, dtype=dtype, device=device)
+        gate_TK = torch.empty(T, k, dtype=dtype, device=device)
+        std_TE = _empty(workspace, "std", (T, E), dtype, device)  # saved: softplus is costly
+        blocks = _row_blocks(T, E, device)
+        load_BE = torch.zeros(max(len(blocks), 1), E, dtype=dtype, device=device)
+
+        def work(b, rows):
+            r = slice(rows.start, rows.stop)
+            clean, raw = logits_T2E[r, :E], logits_T2E[r, E:]
+            std = torch.add(F.softplus(raw), eps, out=std_TE[r])  # eq. (4)
+            noisy = torch.addcmul(clean, noise_TE[r], std)
+            # KeepTopK (eq. 5); the (k+1)-th value is the load estimator's other bar.
+            top_values, top_experts = top_values_TK1[r], top_experts_TK1[r]
+            torch.topk(noisy, k + 1, dim=1, out=(top_values, top_experts))
+            gate_TK[r] = torch.softmax(top_values[:, :k], dim=1)  # softmax over the kept k
+            # H is differentiable only where it was kept (the top k+1): keep that noise alone.
+            torch.gather(noise_TE[r], 1, top_experts, out=top_noise_TK1[r])
+            z = _margin(clean, std, top_values, top_experts, k)
+            prob = z.mul_(-_INV_SQRT2).erfc_().mul_(0.5)  # Φ(z) = erfc(−z/√2)/2, eq. (9)
+            if valid_T is not None:
+                prob.mul_(valid_T[r, None])
+            torch.sum(prob, dim=0, out=load_BE[b])  # this block's share of eq. (10)
+
+        _for_each_block(blocks, device, work)
+        ctx.save_for_backward(logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1,
+                              gate_TK, valid_T)
+        ctx.k, ctx.workspace = k, workspace
+        expert_TK = top_experts_TK1[:, :k]
+        ctx.mark_non_differentiable(expert_TK)
+        return gate_TK, expert_TK, load_BE.sum(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_gate_TK, _grad_expert, grad_load_E):
+        (logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1, gate_TK,
+         valid_T) = ctx.saved_tensors
+        k = ctx.k
+        T, E = std_TE.shape
+        device = logits_T2E.device
+        grad_T2E = _empty(ctx.workspace, "grad_logits", logits_T2E.shape, logits_T2E.dtype, device)
+        grad_load_1E = grad_load_E.to(logits_T2E.dtype)[None, :]
+
+        def work(b, rows):
+            r = slice(rows.start, rows.stop)
+            clean, raw, std = logits_T2E[r, :E], logits_T2E[r, E:], std_TE[r]
+            top_experts = top_experts_TK1[r]
+            z = _margin(clean, std, top_values_TK1[r], top_experts, k)
+            # Load: dP/dz = φ(z), z = (clean − bar) / std.
+            grad_z = z.square().mul_(-0.5).exp_().mul_(grad_load_1E).mul_(_INV_SQRT_2PI)
+            if valid_T is not None:
+                grad_z.mul_(valid_T[r, None])
+            grad_clean = torch.div(grad_z, std, out=grad_T2E[r, :E])
+            grad_std = z.mul_(grad_clean).neg_()  # d/dstd of (clean − bar)/std = −z/std
+            # d/dbar = −grad_clean: to the (k+1)-th value from the k experts inside the top k,
+            # to the k-th value from all the others.
+            grad_bar_inside = grad_clean.gather(1, top_experts[:, :k]).sum(1).neg_()
+            grad_bar_outside = grad_clean.sum(1).neg_().sub_(grad_bar_inside)
+            # Gate: softmax backward over the kept k values.
+            gate, grad_gate = gate_TK[r], grad_gate_TK[r]
+            grad_top = torch.zeros_like(top_values_TK1[r])
+            torch.mul(gate, grad_gate - (grad_gate * gate).sum(1, keepdim=True), out=grad_top[:, :k])
+            grad_top[:, k - 1].add_(grad_bar_outside)
+            grad_top[:, k].add_(grad_bar_inside)
+            # The top values are H = clean + noise·std at k+1 distinct experts: their gradient
+            # reaches the clean logits there and, times the noise, the std.
+            grad_clean.scatter_add_(1, top_experts, grad_top)
+            grad_std.scatter_add_(1, top_experts, grad_top.mul_(top_noise_TK1[r]))
+            torch.ops.aten.softplus_backward.grad_input(
+                grad_std, raw, 1.0, _SOFTPLUS_THRESHOLD, grad_input=grad_T2E[r, E:])
+
+        _for_each_block(_row_blocks(T, E, device), device, work)
+        return grad_T2E, None, None, None, None, None
+
+
+def noisy_top_k(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optional[torch.Tensor],
+                k: int, noise_epsilon: float, workspace: Optional[Workspace] = None):
+    """Noisy top-k gate values, experts and smooth load (eq. 3-5, 8-10) for k < n.
+
+    ``logits_T2E`` is x·[W_g | W_noise] (float32 or float64), ``noise_TE`` N(0,1) draws (see
+    ``gate_noise``), ``valid_T`` bool (False = padding: no load) or None. Returns
+    (gate_TK, expert_TK, load_E); gate_TK and load_E are differentiable w.r.t. the logits."""
+    E = noise_TE.shape[1]
+    if not 0 < k < E:
+        raise ValueError(f"noisy_top_k needs 0 < k < number of experts; got k={k}, {E} experts")
+    if logits_T2E.shape != (noise_TE.shape[0], 2 * E):
+        raise ValueError(f"logits must be [{noise_TE.shape[0]}, {2 * E}] for noise {list(noise_TE.shape)};"
+                         f" got {list(logits_T2E.shape)}")
+    if valid_T is not None:
+        valid_T = valid_T.to(logits_T2E.dtype)
+    return _NoisyTopK.apply(logits_T2E.contiguous(), noise_TE.to(logits_T2E.dtype).contiguous(),
+                            valid_T, k, noise_epsilon, workspace)
