@@ -193,16 +193,16 @@ def _smooth_load_by_autograd(logits, noise, valid, k, eps):
     return gate, top_experts[:, :k], prob.sum(0)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_fused_noisy_top_k_equals_the_formulas_and_their_autograd_gradients(monkeypatch, k):
+@pytest.mark.parametrize("k,E", [(1, 6), (2, 6), (4, 6), (9, 12)])  # k+1 > 8: torch.topk
+def test_fused_noisy_top_k_equals_the_formulas_and_their_autograd_gradients(monkeypatch, k, E):
     """noisy_topk.py computes gates, experts and Load block by block (here 7 blocks, split over
     the threads) with a hand-written backward; values and all gradients must equal the plain
     composition of the formulas."""
     from fairseq_smoe.modules import noisy_topk
 
-    monkeypatch.setattr(noisy_topk, "_BLOCK_ELEMENTS", 600)
+    monkeypatch.setattr(noisy_topk, "_BLOCK_ELEMENTS", 100 * E)
     torch.manual_seed(k)
-    T, E = 700, 6
+    T = 700
     logits = torch.randn(T, 2 * E, dtype=torch.float64, requires_grad=True)
     noise = torch.randn(T, E, dtype=torch.float64)
     valid = torch.rand(T) > 0.2
@@ -252,3 +252,15 @@ def test_gate_noise_is_standard_normal_reproducible_and_independent_of_threads()
     rows = NOISE_BLOCK_ROWS
     assert not torch.equal(one[:rows], one[rows : 2 * rows])
     assert not torch.equal(gate_noise(5, 3, torch.float32, "cpu"), gate_noise(5, 3, torch.float32, "cpu"))
+
+
+def test_fused_noisy_top_k_with_tied_logits_picks_distinct_experts():
+    T, E, k = 5, 6, 3
+    logits = torch.zeros(T, 2 * E, requires_grad=True)
+    gate, experts, load = noisy_top_k(logits, torch.zeros(T, E), None, k, 1e-2)
+    assert all(len(set(row)) == k for row in experts.tolist())
+    torch.testing.assert_close(gate, torch.full((T, k), 1 / k))
+    # Every expert's bar equals its own logit: Φ(0) = 1/2 for each row.
+    torch.testing.assert_close(load, torch.full((E,), T / 2))
+    load.sum().backward()
+    assert torch.isfinite(logits.grad).all()

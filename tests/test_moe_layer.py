@@ -262,3 +262,41 @@ def test_layer_pickles_and_deep_copies():
     x = torch.randn(5, 8)
     for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
         torch.testing.assert_close(clone(x)[0], layer(x)[0])
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_experts_and_combine_equal_experts_then_combine(recompute, threads):
+    """FeedForwardExperts.forward_and_combine (one Function: the gate gradient and the scaled
+    output gradient are formed inside the expert loop) equals the experts followed by
+    dispatch.combine: output and the gradients of input, gates and every parameter."""
+    from fairseq_smoe.modules.dispatch import combine
+    from fairseq_smoe.modules.experts import FeedForwardExperts
+
+    torch.manual_seed(0)
+    experts = FeedForwardExperts(6, 5, 7, 4, num_hidden_layers=2, recompute_activations=recompute)
+    counts = [3, 0, 9, 1, 5, 6]  # one expert without rows
+    S, T = sum(counts), 11
+    x = torch.randn(S, 5, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(S, dtype=torch.float64, requires_grad=True)
+    row = torch.randint(0, T, (S,))
+    experts.double()
+    grad_y = torch.randn(T, 4, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for fused in (True, False):
+            experts.zero_grad(set_to_none=True)
+            x.grad = gate.grad = None
+            if fused:
+                y = experts.forward_and_combine(x, counts, row, gate, T)
+            else:
+                y = combine(experts(x, counts), row, gate, T)
+            y.backward(grad_y)
+            results.append([y.detach(), x.grad, gate.grad, *[p.grad for p in experts.parameters()]])
+    finally:
+        torch.set_num_threads(previous)
+    for fused, unfused in zip(*results):
+        torch.testing.assert_close(fused, unfused)
+    assert results[0][3 + 0][1].abs().sum() == 0  # expert 1 had no rows: zero weight gradient

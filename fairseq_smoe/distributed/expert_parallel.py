@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import distributed as dist
 
+from ..modules.dispatch import combine
 from ..modules.experts import FeedForwardExperts
 from ..modules.hierarchical_moe import HierarchicalMoELayer
 from .all_to_all import GroupRef, all_to_all, exchange_counts
@@ -138,6 +139,11 @@ class ExpertParallelExperts(FeedForwardExperts):
             y_RO = y_LO[inverse_R]
         # 4. outputs back to the workers the rows came from
         return all_to_all(y_RO, recv_splits, send_splits, group)
+
+    def forward_and_combine(self, x_SD, counts, row_S, gate_S, num_rows, workspace=None):
+        # Rows travel to other workers between the gather and the experts: the fused Function of
+        # the single-process experts does not apply, combine the returned rows here.
+        return combine(self(x_SD, counts), row_S, gate_S, num_rows, workspace)
 
     def _expert_major_order(self, received_WE: torch.Tensor, num_rows: int):
         W, El = received_WE.shape

@@ -72,17 +72,25 @@ def gather_rows(x_TD: torch.Tensor, row_S: torch.Tensor, workspace: Optional[Wor
 _BLOCK_ROWS = 1024
 
 
+def combine_rows(y_SO: torch.Tensor, row_S: torch.Tensor, gate_S: torch.Tensor, num_rows: int,
+                 workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """The combine's forward without autograd: gate_S (already in y_SO's dtype) times each row,
+    added into ``num_rows`` rows, block by block."""
+    S, O = y_SO.shape
+    y_TO = _empty(workspace, "y_TO", (num_rows, O), y_SO).zero_()
+    block_BO = _empty(workspace, "block", (min(S, _BLOCK_ROWS), O), y_SO)
+    for start in range(0, S, _BLOCK_ROWS):
+        end = min(start + _BLOCK_ROWS, S)
+        weighted = torch.mul(y_SO[start:end], gate_S[start:end, None], out=block_BO[: end - start])
+        y_TO.index_add_(0, row_S[start:end], weighted)
+    return y_TO
+
+
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_SO, row_S, gate_S, num_rows, workspace):
-        S, O = y_SO.shape
         gate_dtype, gate_S = gate_S.dtype, gate_S.to(y_SO.dtype)
-        y_TO = _empty(workspace, "y_TO", (num_rows, O), y_SO).zero_()
-        block_BO = _empty(workspace, "block", (min(S, _BLOCK_ROWS), O), y_SO)
-        for start in range(0, S, _BLOCK_ROWS):
-            end = min(start + _BLOCK_ROWS, S)
-            weighted = torch.mul(y_SO[start:end], gate_S[start:end, None], out=block_BO[: end - start])
-            y_TO.index_add_(0, row_S[start:end], weighted)
+        y_TO = combine_rows(y_SO, row_S, gate_S, num_rows, workspace)
         if ctx is not None:
             ctx.save_for_backward(y_SO, row_S, gate_S)
             ctx.workspace, ctx.gate_dtype = workspace, gate_dtype

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from . import threads
+from .dispatch import combine_rows
 from .workspace import Workspace
 
 _relu_backward_ = torch.ops.aten.threshold_backward.grad_input  # (grad, post-ReLU value, 0, out=)
@@ -110,6 +111,112 @@ def _empty(workspace: Optional[Workspace], name, shape, like: torch.Tensor) -> t
     return workspace.empty(name, shape, like.dtype, like.device)
 
 
+def _experts_forward(x_SD, counts, options, weights, biases):
+    """Every expert on its block of rows. Returns (y_SO, hidden activations per layer or None
+    with ``recompute``)."""
+    ws = options.workspace
+    rows = x_SD.shape[0]
+    y_SO = _empty(ws, "y_SO", (rows, weights[-1].shape[-1]), x_SD)
+    widths = [w.shape[-1] for w in weights[:-1]]
+    most = max(counts) if counts else 0
+    scratch = {}  # recompute: hidden activations live for one expert at a time, per thread
+    hidden = None
+    if options.recompute:  # allocate in this thread: the workspace is not thread-safe
+        scratch.update({p: [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
+                            for l, h in enumerate(widths)] for p in range(threads.max_parts())})
+    else:
+        # Post-ReLU activations of each hidden layer, kept for backward.
+        hidden = [_empty(ws, f"hidden{l}", (rows, h), x_SD) for l, h in enumerate(widths)]
+
+    def work(part, expert, start, end):
+        if options.recompute:
+            hidden_rows = [h[: end - start] for h in scratch[part]]
+        else:
+            hidden_rows = [h[start:end] for h in hidden]
+        _expert_forward(x_SD[start:end], weights, biases, expert, hidden_rows, y_SO[start:end])
+
+    _for_each_expert(work, counts, x_SD.device)
+    return y_SO, hidden
+
+
+def _experts_backward(x_SD, counts, options, weights, biases, hidden, output_grad, need_input_grad,
+                      grad_x_name="y_SO"):
+    """Gradients of every expert, expert by expert. ``output_grad(part, expert, start, end)``
+    returns the gradient of the expert's output rows (it may compute it there, in the expert's
+    thread). Returns (grad_x_SD or None, weight gradients, bias gradients)."""
+    ws = options.workspace
+    num_layers = len(weights)
+    # Without a fused combine the forward output y_SO is dead by now (the combine's backward,
+    # its only reader, has run), so its buffer (``grad_x_name``) can take the input gradient; if
+    # anything still holds it the workspace hands out a fresh one.
+    grad_x_SD = _empty(ws, grad_x_name, x_SD.shape, x_SD) if need_input_grad else None
+    grad_w = [_empty(ws, f"grad_w{l}", w.shape, w) for l, w in enumerate(weights)]
+    grad_b = [_empty(ws, f"grad_b{l}", b.shape, b) for l, b in enumerate(biases)]
+    widths = [w.shape[-1] for w in weights[:-1]]
+    most = max(counts) if counts else 0
+    # Per thread: gradient w.r.t. the (post-ReLU) output of each hidden layer for one expert
+    # at a time, and the recomputed activations. Allocated here, in this thread.
+    scratch, recomputed = {}, {}
+    for p in range(threads.max_parts()):
+        scratch[p] = [_empty(ws, f"scratch{l}.{p}", (most, h), x_SD) for l, h in enumerate(widths)]
+        if options.recompute:
+            recomputed[p] = [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
+                             for l, h in enumerate(widths)]
+
+    def work(part, expert, start, end):
+        n = end - start
+        x_rows = x_SD[start:end]
+        if options.recompute:
+            acts = [h[:n] for h in recomputed[part]]
+            h = x_rows
+            for layer in range(num_layers - 1):
+                torch.addmm(biases[layer][expert], h, weights[layer][expert], out=acts[layer])
+                h = acts[layer].relu_()
+        else:
+            acts = [h[start:end] for h in hidden]
+        inputs = [x_rows] + acts  # input of each layer
+        g = output_grad(part, expert, start, end)
+        for layer in reversed(range(num_layers)):
+            torch.mm(inputs[layer].t(), g, out=grad_w[layer][expert])
+            torch.sum(g, dim=0, out=grad_b[layer][expert])
+            w_t = weights[layer][expert].t()
+            if layer > 0:
+                g_in = scratch[part][layer - 1][:n]
+                torch.mm(g, w_t, out=g_in)
+                # ReLU'(pre-activation) is 1 exactly where the post-ReLU value is > 0.
+                _relu_backward_(g_in, inputs[layer], 0, grad_input=g_in)
+                g = g_in
+            elif grad_x_SD is not None:
+                torch.mm(g, w_t, out=grad_x_SD[start:end])
+
+    _for_each_expert(work, counts, x_SD.device)
+    for expert, count in enumerate(counts):
+        if not count:  # buffers are uninitialised: experts without rows get 0
+            for grad in grad_w + grad_b:
+                grad[expert].zero_()
+    return grad_x_SD, grad_w, grad_b
+
+
+def _options(options) -> GroupedFeedForwardOptions:
+    if isinstance(options, GroupedFeedForwardOptions):
+        return options
+    return GroupedFeedForwardOptions(bool(options))  # a bool: recompute, no workspace
+
+
+def _save(ctx, x_SD, params, hidden, *extra):
+    ctx.num_layers, ctx.num_extra = len(params) // 2, len(extra)
+    ctx.save_for_backward(x_SD, *extra, *params, *(hidden or []))
+
+
+def _saved(ctx):
+    saved = ctx.saved_tensors
+    L, X = ctx.num_layers, ctx.num_extra
+    x_SD, extra = saved[0], saved[1 : 1 + X]
+    weights, biases = saved[1 + X : 1 + X + L], saved[1 + X + L : 1 + X + 2 * L]
+    hidden = None if ctx.options.recompute else list(saved[1 + X + 2 * L :])
+    return x_SD, extra, weights, biases, hidden
+
+
 class _GroupedFeedForward(torch.autograd.Function):
     """y_SO = FFN_{expert(s)}(x_SD) for rows sorted by expert with ``counts`` rows each.
 
@@ -118,101 +225,67 @@ class _GroupedFeedForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SD, counts, options, *params):
-        if not isinstance(options, GroupedFeedForwardOptions):
-            options = GroupedFeedForwardOptions(bool(options))
-        ws = options.workspace
+        options = _options(options)
         num_layers = len(params) // 2
-        weights, biases = params[:num_layers], params[num_layers:]
-        rows = x_SD.shape[0]
-        y_SO = _empty(ws, "y_SO", (rows, weights[-1].shape[-1]), x_SD)
-        widths = [w.shape[-1] for w in weights[:-1]]
-        most = max(counts) if counts else 0
-        scratch = {}  # recompute: hidden activations live for one expert at a time, per thread
-        if not options.recompute:
-            # Post-ReLU activations of each hidden layer, kept for backward.
-            hidden = [_empty(ws, f"hidden{l}", (rows, h), x_SD) for l, h in enumerate(widths)]
-
-        def work(part, expert, start, end):
-            if options.recompute:
-                hidden_rows = [h[: end - start] for h in scratch[part]]
-            else:
-                hidden_rows = [h[start:end] for h in hidden]
-            _expert_forward(x_SD[start:end], weights, biases, expert, hidden_rows, y_SO[start:end])
-
-        if options.recompute:  # allocate in this thread: the workspace is not thread-safe
-            scratch.update({p: [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
-                                for l, h in enumerate(widths)] for p in range(threads.max_parts())})
-        _for_each_expert(work, counts, x_SD.device)
-        ctx.counts, ctx.options, ctx.num_layers = counts, options, num_layers
-        if options.recompute:
-            ctx.save_for_backward(x_SD, *params)
-        else:
-            ctx.save_for_backward(x_SD, *params, *hidden)
+        y_SO, hidden = _experts_forward(x_SD, counts, options, params[:num_layers], params[num_layers:])
+        ctx.counts, ctx.options = counts, options
+        _save(ctx, x_SD, params, hidden)
         return y_SO
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_SO):
-        num_layers, options, counts = ctx.num_layers, ctx.options, ctx.counts
-        ws = options.workspace
-        saved = ctx.saved_tensors
-        x_SD = saved[0]
-        weights = saved[1 : 1 + num_layers]
-        biases = saved[1 + num_layers : 1 + 2 * num_layers]
-        hidden = list(saved[1 + 2 * num_layers :])
-        grad_y_SO = grad_y_SO.contiguous()
-        if grad_y_SO.dtype != x_SD.dtype:
-            grad_y_SO = grad_y_SO.to(x_SD.dtype)
-
-        # The forward output y_SO is dead by now (the combine's backward, its only reader, has
-        # run), so its buffer can take the input gradient; if anything still holds it the
-        # workspace hands out a fresh one.
-        grad_x_SD = _empty(ws, "y_SO", x_SD.shape, x_SD) if ctx.needs_input_grad[0] else None
-        grad_w = [_empty(ws, f"grad_w{l}", w.shape, w) for l, w in enumerate(weights)]
-        grad_b = [_empty(ws, f"grad_b{l}", b.shape, b) for l, b in enumerate(biases)]
-        widths = [w.shape[-1] for w in weights[:-1]]
-        most = max(counts) if counts else 0
-        # Per thread: gradient w.r.t. the (post-ReLU) output of each hidden layer for one expert
-        # at a time, and the recomputed activations. Allocated here, in this thread.
-        scratch, recomputed = {}, {}
-        for p in range(threads.max_parts()):
-            scratch[p] = [_empty(ws, f"scratch{l}.{p}", (most, h), x_SD) for l, h in enumerate(widths)]
-            if options.recompute:
-                recomputed[p] = [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
-                                 for l, h in enumerate(widths)]
-
-        def work(part, expert, start, end):
-            n = end - start
-            x_rows = x_SD[start:end]
-            if options.recompute:
-                acts = [h[:n] for h in recomputed[part]]
-                h = x_rows
-                for layer in range(num_layers - 1):
-                    torch.addmm(biases[layer][expert], h, weights[layer][expert], out=acts[layer])
-                    h = acts[layer].relu_()
-            else:
-                acts = [h[start:end] for h in hidden]
-            inputs = [x_rows] + acts  # input of each layer
-            g = grad_y_SO[start:end]
-            for layer in reversed(range(num_layers)):
-                torch.mm(inputs[layer].t(), g, out=grad_w[layer][expert])
-                torch.sum(g, dim=0, out=grad_b[layer][expert])
-                w_t = weights[layer][expert].t()
-                if layer > 0:
-                    g_in = scratch[part][layer - 1][:n]
-                    torch.mm(g, w_t, out=g_in)
-                    # ReLU'(pre-activation) is 1 exactly where the post-ReLU value is > 0.
-                    _relu_backward_(g_in, inputs[layer], 0, grad_input=g_in)
-                    g = g_in
-                elif grad_x_SD is not None:
-                    torch.mm(g, w_t, out=grad_x_SD[start:end])
-
-        _for_each_expert(work, counts, x_SD.device)
-        for expert, count in enumerate(counts):
-            if not count:  # buffers are uninitialised: experts without rows get 0
-                for grad in grad_w + grad_b:
-                    grad[expert].zero_()
+        x_SD, _, weights, biases, hidden = _saved(ctx)
+        grad_y_SO = grad_y_SO.contiguous().to(x_SD.dtype)
+        grad_x_SD, grad_w, grad_b = _experts_backward(
+            x_SD, ctx.counts, ctx.options, weights, biases, hidden,
+            lambda part, expert, start, end: grad_y_SO[start:end], ctx.needs_input_grad[0])
         return (grad_x_SD, None, None, *grad_w, *grad_b)
+
+
+class _GroupedFeedForwardCombine(torch.autograd.Function):
+    """y_TO = Σ_s gate_S[s] · FFN_{expert(s)}(x_SD[s]) added into row row_S[s] (eq. 1): the experts
+    and ``dispatch.combine`` in one Function, so that backward gathers each expert's output
+    gradient, the gate gradient ⟨∂L/∂y[row], E_i(x)⟩ and the gate-scaled gradient inside the
+    expert loop (on the expert threads, in cache) instead of in three passes over all rows.
+
+    ``apply(x_SD, gate_S, row_S, num_rows, counts, options, *weights, *biases)``."""
+
+    @staticmethod
+    def forward(ctx, x_SD, gate_S, row_S, num_rows, counts, options, *params):
+        options = _options(options)
+        num_layers = len(params) // 2
+        y_SO, hidden = _experts_forward(x_SD, counts, options, params[:num_layers], params[num_layers:])
+        gate_dtype, gate_S = gate_S.dtype, gate_S.to(y_SO.dtype)
+        y_TO = combine_rows(y_SO, row_S, gate_S, num_rows, options.workspace)
+        ctx.counts, ctx.options, ctx.gate_dtype = counts, options, gate_dtype
+        _save(ctx, x_SD, params, hidden, y_SO, gate_S, row_S)
+        return y_TO
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y_TO):
+        x_SD, (y_SO, gate_S, row_S), weights, biases, hidden = _saved(ctx)
+        grad_y_TO = grad_y_TO.contiguous().to(x_SD.dtype)
+        O = y_SO.shape[1]
+        most = max(ctx.counts) if ctx.counts else 0
+        grad_gate_S = y_SO.new_empty(y_SO.shape[0]) if ctx.needs_input_grad[1] else None
+        rows_grad = {p: _empty(ctx.options.workspace, f"rows_grad.{p}", (most, O), y_SO)
+                     for p in range(threads.max_parts())}
+
+        def output_grad(part, expert, start, end):
+            # ∂L/∂y of this expert's rows; the gate's gradient is its dot with E_i(x).
+            g = torch.index_select(grad_y_TO, 0, row_S[start:end], out=rows_grad[part][: end - start])
+            if grad_gate_S is not None:
+                torch.sum(g * y_SO[start:end], dim=1, out=grad_gate_S[start:end])
+            return g.mul_(gate_S[start:end, None])
+
+        grad_x_SD, grad_w, grad_b = _experts_backward(
+            x_SD, ctx.counts, ctx.options, weights, biases, hidden, output_grad,
+            ctx.needs_input_grad[0], grad_x_name="grad_x_SD")
+        if grad_gate_S is not None:
+            grad_gate_S = grad_gate_S.to(ctx.gate_dtype)
+        return (grad_x_SD, grad_gate_S, None, None, None, None, *grad_w, *grad_b)
 
 
 class FeedForwardExperts(nn.Module):
@@ -249,12 +322,15 @@ class FeedForwardExperts(nn.Module):
     def output_dim(self) -> int:
         return self.weights[-1].shape[-1]
 
-    def forward(self, x_SD: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    def _check_counts(self, x_SD: torch.Tensor, counts: List[int]) -> None:
         if len(counts) != self.num_experts or sum(counts) != x_SD.shape[0]:
             raise ValueError(
                 f"counts must list rows for each of the {self.num_experts} experts and add up to "
                 f"{x_SD.shape[0]} rows; got {len(counts)} entries summing to {sum(counts)}"
             )
+
+    def forward(self, x_SD: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        self._check_counts(x_SD, counts)
         # Compute in the weights' dtype (e.g. fp32 master weights under autocast), return in x's.
         param_dtype = self.weights[0].dtype
         options = GroupedFeedForwardOptions(self.recompute_activations, getattr(self, "workspace", None))
@@ -262,6 +338,21 @@ class FeedForwardExperts(nn.Module):
             x_SD.to(param_dtype).contiguous(), tuple(counts), options, *self.weights, *self.biases,
         )
         return y_SO.to(x_SD.dtype)
+
+    def forward_and_combine(self, x_SD: torch.Tensor, counts: List[int], row_S: torch.Tensor,
+                            gate_S: torch.Tensor, num_rows: int, workspace=None) -> torch.Tensor:
+        """Σ_i G(x)_i · E_i(x) (eq. 1): each row's expert output times ``gate_S``, added into row
+        ``row_S`` of a [num_rows, output_dim] result. Same as ``dispatch.combine(self(x_SD,
+        counts), row_S, gate_S, num_rows)``, in one Function (``workspace`` is not needed: the
+        experts' own is used)."""
+        self._check_counts(x_SD, counts)
+        param_dtype = self.weights[0].dtype
+        options = GroupedFeedForwardOptions(self.recompute_activations, getattr(self, "workspace", None))
+        y_TO = _GroupedFeedForwardCombine.apply(
+            x_SD.to(param_dtype).contiguous(), gate_S, row_S, num_rows, tuple(counts), options,
+            *self.weights, *self.biases,
+        )
+        return y_TO.to(x_SD.dtype)
 
     def cached_grad_bytes(self) -> int:
         """Bytes of weight/bias-gradient buffers kept between steps (for memory accounting)."""

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .dispatch import combine, gather_rows, group_by_expert
+from .dispatch import gather_rows, group_by_expert
 from .experts import FeedForwardExperts
 from .gating import GATING_MODES, build_gate
 from .stats import MoEStats, balance_losses, count_unrouted
@@ -93,8 +93,9 @@ class MoELayerBase(nn.Module):
         order_S, counts = group_by_expert(expert_A, self.num_experts)
         row_S = row_A[order_S]
         x_SD = gather_rows(x_TD, row_S, self.workspace, "x_SD")
-        y_SO = self.experts(x_SD, counts)
-        return combine(y_SO, row_S, gate_A[order_S], x_TD.shape[0], self.workspace), row_S
+        y_TO = self.experts.forward_and_combine(x_SD, counts, row_S, gate_A[order_S], x_TD.shape[0],
+                                                self.workspace)
+        return y_TO, row_S
 
     def _stats(self, importance, load, counts, aux_loss, num_tokens, unrouted) -> MoEStats:
         importance = self.sum_over_workers(importance)
