@@ -266,12 +266,17 @@ def test_layer_pickles_and_deep_copies():
 
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_experts_and_combine_equal_experts_then_combine(recompute, threads):
+@pytest.mark.parametrize("chunk_rows", [2048, 4])
+def test_fused_experts_and_combine_equal_experts_then_combine(monkeypatch, recompute, threads,
+                                                              chunk_rows):
     """FeedForwardExperts.forward_and_combine (one Function: the gate gradient and the scaled
     output gradient are formed inside the expert loop) equals the experts followed by
-    dispatch.combine: output and the gradients of input, gates and every parameter."""
+    dispatch.combine: output and the gradients of input, gates and every parameter; also when
+    experts with many rows go through backward in chunks (here of 4 rows)."""
+    from fairseq_smoe.modules import experts as experts_module
     from fairseq_smoe.modules.dispatch import combine
     from fairseq_smoe.modules.experts import FeedForwardExperts
+
 
     torch.manual_seed(0)
     experts = FeedForwardExperts(6, 5, 7, 4, num_hidden_layers=2, recompute_activations=recompute)
@@ -286,7 +291,8 @@ def test_fused_experts_and_combine_equal_experts_then_combine(recompute, threads
     torch.set_num_threads(threads)
     try:
         results = []
-        for fused in (True, False):
+        for fused in (True, False):  # the unfused reference never splits an expert's rows
+            monkeypatch.setattr(experts_module, "CHUNK_ROWS", chunk_rows if fused else 2048)
             experts.zero_grad(set_to_none=True)
             x.grad = gate.grad = None
             if fused:

@@ -111,6 +111,16 @@ def _empty(workspace: Optional[Workspace], name, shape, like: torch.Tensor) -> t
     return workspace.empty(name, shape, like.dtype, like.device)
 
 
+# Most rows an expert's backward (and a recomputed forward) handles at once: bounds the per-thread
+# scratch to CHUNK_ROWS × width whatever the routing (one expert of MoE-4 sees ~8k rows of an
+# 8k-token batch). Large enough that the extra passes over the weight gradient cost little.
+CHUNK_ROWS = 2048
+
+
+def _chunk_rows(counts) -> int:
+    return min(max(counts) if counts else 0, CHUNK_ROWS)
+
+
 def _experts_forward(x_SD, counts, options, weights, biases):
     """Every expert on its block of rows. Returns (y_SO, hidden activations per layer or None
     with ``recompute``)."""
@@ -118,22 +128,25 @@ def _experts_forward(x_SD, counts, options, weights, biases):
     rows = x_SD.shape[0]
     y_SO = _empty(ws, "y_SO", (rows, weights[-1].shape[-1]), x_SD)
     widths = [w.shape[-1] for w in weights[:-1]]
-    most = max(counts) if counts else 0
-    scratch = {}  # recompute: hidden activations live for one expert at a time, per thread
+    chunk = _chunk_rows(counts)
+    scratch = {}  # recompute: hidden activations live for one chunk of rows at a time, per thread
     hidden = None
     if options.recompute:  # allocate in this thread: the workspace is not thread-safe
-        scratch.update({p: [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
+        scratch.update({p: [_empty(ws, f"recompute{l}.{p}", (chunk, h), x_SD)
                             for l, h in enumerate(widths)] for p in range(threads.max_parts())})
     else:
         # Post-ReLU activations of each hidden layer, kept for backward.
         hidden = [_empty(ws, f"hidden{l}", (rows, h), x_SD) for l, h in enumerate(widths)]
 
     def work(part, expert, start, end):
-        if options.recompute:
-            hidden_rows = [h[: end - start] for h in scratch[part]]
-        else:
+        if not options.recompute:
             hidden_rows = [h[start:end] for h in hidden]
-        _expert_forward(x_SD[start:end], weights, biases, expert, hidden_rows, y_SO[start:end])
+            _expert_forward(x_SD[start:end], weights, biases, expert, hidden_rows, y_SO[start:end])
+            return
+        for c0 in range(start, end, chunk):
+            c1 = min(c0 + chunk, end)
+            hidden_rows = [h[: c1 - c0] for h in scratch[part]]
+            _expert_forward(x_SD[c0:c1], weights, biases, expert, hidden_rows, y_SO[c0:c1])
 
     _for_each_expert(work, counts, x_SD.device)
     return y_SO, hidden
@@ -153,17 +166,24 @@ def _experts_backward(x_SD, counts, options, weights, biases, hidden, output_gra
     grad_w = [_empty(ws, f"grad_w{l}", w.shape, w) for l, w in enumerate(weights)]
     grad_b = [_empty(ws, f"grad_b{l}", b.shape, b) for l, b in enumerate(biases)]
     widths = [w.shape[-1] for w in weights[:-1]]
-    most = max(counts) if counts else 0
-    # Per thread: gradient w.r.t. the (post-ReLU) output of each hidden layer for one expert
-    # at a time, and the recomputed activations. Allocated here, in this thread.
+    chunk = _chunk_rows(counts)
+    # Per thread: gradient w.r.t. the (post-ReLU) output of each hidden layer for one chunk of
+    # rows at a time, and the recomputed activations. Allocated here, in this thread.
     scratch, recomputed = {}, {}
     for p in range(threads.max_parts()):
-        scratch[p] = [_empty(ws, f"scratch{l}.{p}", (most, h), x_SD) for l, h in enumerate(widths)]
+        scratch[p] = [_empty(ws, f"scratch{l}.{p}", (chunk, h), x_SD) for l, h in enumerate(widths)]
         if options.recompute:
-            recomputed[p] = [_empty(ws, f"recompute{l}.{p}", (most, h), x_SD)
+            recomputed[p] = [_empty(ws, f"recompute{l}.{p}", (chunk, h), x_SD)
                              for l, h in enumerate(widths)]
 
     def work(part, expert, start, end):
+        # An expert with many rows goes chunk by chunk: the per-thread scratch stays bounded and
+        # the weight and bias gradients add up over the chunks.
+        for c0 in range(start, end, chunk):
+            c1 = min(c0 + chunk, end)
+            _chunk_backward(part, expert, c0, c1, first=c0 == start)
+
+    def _chunk_backward(part, expert, start, end, first):
         n = end - start
         x_rows = x_SD[start:end]
         if options.recompute:
@@ -177,8 +197,12 @@ def _experts_backward(x_SD, counts, options, weights, biases, hidden, output_gra
         inputs = [x_rows] + acts  # input of each layer
         g = output_grad(part, expert, start, end)
         for layer in reversed(range(num_layers)):
-            torch.mm(inputs[layer].t(), g, out=grad_w[layer][expert])
-            torch.sum(g, dim=0, out=grad_b[layer][expert])
+            if first:
+                torch.mm(inputs[layer].t(), g, out=grad_w[layer][expert])
+                torch.sum(g, dim=0, out=grad_b[layer][expert])
+            else:
+                grad_w[layer][expert].addmm_(inputs[layer].t(), g)
+                grad_b[layer][expert].add_(g.sum(dim=0))
             w_t = weights[layer][expert].t()
             if layer > 0:
                 g_in = scratch[part][layer - 1][:n]
@@ -268,9 +292,9 @@ class _GroupedFeedForwardCombine(torch.autograd.Function):
         x_SD, (y_SO, gate_S, row_S), weights, biases, hidden = _saved(ctx)
         grad_y_TO = grad_y_TO.contiguous().to(x_SD.dtype)
         O = y_SO.shape[1]
-        most = max(ctx.counts) if ctx.counts else 0
+        chunk = _chunk_rows(ctx.counts)
         grad_gate_S = y_SO.new_empty(y_SO.shape[0]) if ctx.needs_input_grad[1] else None
-        rows_grad = {p: _empty(ctx.options.workspace, f"rows_grad.{p}", (most, O), y_SO)
+        rows_grad = {p: _empty(ctx.options.workspace, f"rows_grad.{p}", (chunk, O), y_SO)
                      for p in range(threads.max_parts())}
 
         def output_grad(part, expert, start, end):
