@@ -266,7 +266,7 @@ def test_layer_pickles_and_deep_copies():
 
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("chunk_rows", [2048, 4])
+@pytest.mark.parametrize("chunk_rows", [4096, 4])
 def test_fused_experts_and_combine_equal_experts_then_combine(monkeypatch, recompute, threads,
                                                               chunk_rows):
     """FeedForwardExperts.forward_and_combine (one Function: the gate gradient and the scaled
