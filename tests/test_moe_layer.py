@@ -306,3 +306,23 @@ def test_fused_experts_and_combine_equal_experts_then_combine(monkeypatch, recom
     for fused, unfused in zip(*results):
         torch.testing.assert_close(fused, unfused)
     assert results[0][3 + 0][1].abs().sum() == 0  # expert 1 had no rows: zero weight gradient
+
+
+def test_half_precision_experts_are_not_chunked(monkeypatch):
+    """A bf16 weight gradient summed over chunks would be rounded after every chunk: half
+    precision keeps one product per expert whatever CHUNK_ROWS is (bit-identical results)."""
+    from fairseq_smoe.modules import experts as experts_module
+    from fairseq_smoe.modules.experts import FeedForwardExperts
+
+    torch.manual_seed(0)
+    experts = FeedForwardExperts(3, 8, 16, 8).to(torch.bfloat16)
+    counts = [40, 3, 21]
+    x = torch.randn(sum(counts), 8, dtype=torch.bfloat16)
+    grads = []
+    for chunk_rows in (4096, 4):
+        monkeypatch.setattr(experts_module, "CHUNK_ROWS", chunk_rows)
+        experts.zero_grad(set_to_none=True)
+        experts(x, counts).float().square().sum().backward()
+        grads.append([p.grad.clone() for p in experts.parameters()])
+    for big, small in zip(*grads):
+        assert torch.equal(big, small)

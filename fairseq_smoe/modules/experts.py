@@ -26,7 +26,8 @@ eq. (1) as one Function, so that backward gathers each expert's output gradient,
 gate gradient and scales by the gate inside the expert loop (on the expert threads, in cache)
 instead of in separate passes over all rows. An expert with more than ``CHUNK_ROWS`` rows goes
 through backward chunk by chunk, its weight gradient accumulated over the chunks, so per-thread
-scratch stays bounded however unbalanced the routing.
+scratch stays bounded however unbalanced the routing (fp32/fp64 weights; half-precision ones
+keep one product per expert so that their gradient is rounded once).
 """
 
 import math
@@ -126,8 +127,13 @@ def _empty(workspace: Optional[Workspace], name, shape, like: torch.Tensor) -> t
 CHUNK_ROWS = 512
 
 
-def _chunk_rows(counts) -> int:
-    return min(max(counts) if counts else 0, CHUNK_ROWS)
+def _chunk_rows(counts, dtype: torch.dtype) -> int:
+    most = max(counts) if counts else 0
+    if dtype.itemsize < 4:
+        # Half-precision weights: a gradient summed over chunks would be rounded to 8 (bf16) or
+        # 11 (fp16) bits after every chunk; one product accumulates in fp32 and rounds once.
+        return most
+    return min(most, CHUNK_ROWS)
 
 
 def _experts_forward(x_SD, counts, options, weights, biases):
@@ -137,7 +143,7 @@ def _experts_forward(x_SD, counts, options, weights, biases):
     rows = x_SD.shape[0]
     y_SO = _empty(ws, "y_SO", (rows, weights[-1].shape[-1]), x_SD)
     widths = [w.shape[-1] for w in weights[:-1]]
-    chunk = _chunk_rows(counts)
+    chunk = _chunk_rows(counts, x_SD.dtype)
     scratch = {}  # recompute: hidden activations live for one chunk of rows at a time, per thread
     hidden = None
     if options.recompute:  # allocate in this thread: the workspace is not thread-safe
@@ -175,7 +181,7 @@ def _experts_backward(x_SD, counts, options, weights, biases, hidden, output_gra
     grad_w = [_empty(ws, f"grad_w{l}", w.shape, w) for l, w in enumerate(weights)]
     grad_b = [_empty(ws, f"grad_b{l}", b.shape, b) for l, b in enumerate(biases)]
     widths = [w.shape[-1] for w in weights[:-1]]
-    chunk = _chunk_rows(counts)
+    chunk = _chunk_rows(counts, x_SD.dtype)
     # Per thread: gradient w.r.t. the (post-ReLU) output of each hidden layer for one chunk of
     # rows at a time, and the recomputed activations. Allocated here, in this thread.
     scratch, recomputed = {}, {}
@@ -301,7 +307,7 @@ class _GroupedFeedForwardCombine(torch.autograd.Function):
         x_SD, (y_SO, gate_S, row_S), weights, biases, hidden = _saved(ctx)
         grad_y_TO = grad_y_TO.contiguous().to(x_SD.dtype)
         O = y_SO.shape[1]
-        chunk = _chunk_rows(ctx.counts)
+        chunk = _chunk_rows(ctx.counts, x_SD.dtype)
         grad_gate_S = y_SO.new_empty(y_SO.shape[0]) if ctx.needs_input_grad[1] else None
         rows_grad = {p: _empty(ctx.options.workspace, f"rows_grad.{p}", (chunk, O), y_SO)
                      for p in range(threads.max_parts())}
