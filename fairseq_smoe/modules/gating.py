@@ -138,7 +138,6 @@ class NoisyTopKGate(nn.Module):
             num_rows=_num_real_rows(valid_T, T),
         )
 
-
     def draw_noise(self, clean_TE: torch.Tensor) -> torch.Tensor:
         """N(0, 1) noise shaped like the clean logits (noisy_topk.gate_noise)."""
         return gate_noise(clean_TE.shape[0], clean_TE.shape[1], clean_TE.dtype, clean_TE.device,

@@ -58,7 +58,8 @@ def check_k(name: str, k: int, num_experts: int, experts_name: str) -> None:
 class MoELayerBase(nn.Module):
     """What flat and hierarchical layers share: input flattening, dispatch to the experts,
     and the balance statistics. ``self.experts`` may be swapped for an expert-parallel
-    wrapper with the same ``forward(x_SD, counts)`` contract (see ``fairseq_smoe.distributed``).
+    wrapper with the same ``forward(x_SD, counts)`` and ``forward_and_combine`` contract (see
+    ``fairseq_smoe.distributed``).
     """
 
     def __init__(self, input_dim: int, output_dim: int, num_experts: int, hidden_dim: int,
