@@ -6,15 +6,15 @@ For a block of rows with clean logits x·W_g and raw noise logits x·W_noise:
     std      = softplus(x·W_noise) + ε                          eq. (4), ε as in the reference code
     H        = x·W_g + N(0,1)·std                               eq. (4)
     G        = softmax(KeepTopK(H, k))                          eq. (3), (5)
-    P(x, i)  = Φ((x·W_g)_i − kth_excluding(H, k, i)) / std_i)  eq. (8), (9)
+    P(x, i)  = Φ(((x·W_g)_i − kth_excluding(H, k, i)) / std_i) eq. (8), (9)
     Load     = Σ_x P(x, ·)                                      eq. (10)
 
 Written with autograd, this is about twenty passes over tokens × experts tensors forward and
 backward, each a fresh allocation: at 32k tokens × 256 experts (32 MiB per tensor) they cost
 more than the gate's matrix product and page-fault new memory at every step. Here the forward
-and backward each read the logits and the noise once, block by block of rows, with every
-temporary small enough to stay in cache, and blocks run on the intra-op threads side by side
-(threads.py). Backward recomputes z from the saved logits and std; H is differentiable only at
+reads the logits and the noise once and the backward the logits and the saved std, block by
+block of rows, with every temporary small enough to stay in cache, and blocks run on the
+intra-op threads side by side (threads.py). Backward recomputes z; H is differentiable only at
 each row's k+1 top values, so only the noise there is kept. The gradients are the exact
 derivatives of the formulas above, the same as autograd's (tests/test_moe_formulas.py checks
 them against autograd through ``balance.smooth_load``, tests/test_moe_layer.py the whole layer
