@@ -68,9 +68,9 @@ def _partition(segments, parts: int):
     return [r for r in runs if r]
 
 
-def _for_each_expert(work, counts: Sequence[int], device: torch.device) -> int:
-    """Call ``work(part, expert, start, end)`` for every expert with rows; returns the number
-    of parts (threads) used, each with its own ``part`` index for scratch buffers.
+def _for_each_expert(work, counts: Sequence[int], device: torch.device) -> None:
+    """Call ``work(part, expert, start, end)`` for every expert with rows, ``part`` being the
+    index of the thread (for its scratch buffers).
 
     On CPU with T threads (threads.py) and at least 2·T busy experts, the experts are split
     into T runs of about equal rows, run concurrently, each with single-threaded kernels: many
@@ -80,16 +80,17 @@ def _for_each_expert(work, counts: Sequence[int], device: torch.device) -> int:
     segments = list(_segments(counts))
     num_parts = threads.parts(device)
     if num_parts < 2 or len(segments) < 2 * num_parts:
-        for expert, start, end in segments:
-            work(0, expert, start, end)
-        return 1
-    runs = _partition(segments, num_parts)
+        runs = [segments]
+    else:
+        runs = _partition(segments, num_parts)
 
     def run(part):
-        return lambda: [work(part, *segment) for segment in runs[part]]
+        def task():
+            for expert, start, end in runs[part]:
+                work(part, expert, start, end)
+        return task
 
     threads.run_parts([run(part) for part in range(len(runs))])
-    return len(runs)
 
 
 def _expert_forward(x_rows, weights, biases, expert, hidden_out, y_out):
@@ -368,14 +369,16 @@ class FeedForwardExperts(nn.Module):
                 f"{x_SD.shape[0]} rows; got {len(counts)} entries summing to {sum(counts)}"
             )
 
-    def forward(self, x_SD: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    def _inputs(self, x_SD: torch.Tensor, counts: List[int]):
+        """Checked rows in the weights' dtype (e.g. fp32 master weights under autocast; outputs
+        go back to x's dtype), and the Function's options."""
         self._check_counts(x_SD, counts)
-        # Compute in the weights' dtype (e.g. fp32 master weights under autocast), return in x's.
-        param_dtype = self.weights[0].dtype
         options = GroupedFeedForwardOptions(self.recompute_activations, getattr(self, "workspace", None))
-        y_SO = _GroupedFeedForward.apply(
-            x_SD.to(param_dtype).contiguous(), tuple(counts), options, *self.weights, *self.biases,
-        )
+        return x_SD.to(self.weights[0].dtype).contiguous(), options
+
+    def forward(self, x_SD: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        rows_SD, options = self._inputs(x_SD, counts)
+        y_SO = _GroupedFeedForward.apply(rows_SD, tuple(counts), options, *self.weights, *self.biases)
         return y_SO.to(x_SD.dtype)
 
     def forward_and_combine(self, x_SD: torch.Tensor, counts: List[int], row_S: torch.Tensor,
@@ -384,13 +387,9 @@ class FeedForwardExperts(nn.Module):
         ``row_S`` of a [num_rows, output_dim] result. Same as ``dispatch.combine(self(x_SD,
         counts), row_S, gate_S, num_rows)``, in one Function (``workspace`` is not needed: the
         experts' own is used)."""
-        self._check_counts(x_SD, counts)
-        param_dtype = self.weights[0].dtype
-        options = GroupedFeedForwardOptions(self.recompute_activations, getattr(self, "workspace", None))
-        y_TO = _GroupedFeedForwardCombine.apply(
-            x_SD.to(param_dtype).contiguous(), gate_S, row_S, num_rows, tuple(counts), options,
-            *self.weights, *self.biases,
-        )
+        rows_SD, options = self._inputs(x_SD, counts)
+        y_TO = _GroupedFeedForwardCombine.apply(rows_SD, gate_S, row_S, num_rows, tuple(counts),
+                                                options, *self.weights, *self.biases)
         return y_TO.to(x_SD.dtype)
 
     def cached_grad_bytes(self) -> int:

@@ -63,17 +63,12 @@ def gate_noise(rows: int, num_experts: int, dtype: torch.dtype, device: torch.de
     blocks = [range(start, min(start + NOISE_BLOCK_ROWS, rows))
               for start in range(0, rows, NOISE_BLOCK_ROWS)]
 
-    def draw(block_ids: range):
-        def task():
-            generator = torch.Generator()
-            for b in block_ids:
-                generator.manual_seed(seed + b)
-                rows_b = blocks[b]
-                torch.randn((len(rows_b), num_experts), generator=generator, dtype=dtype,
-                            out=noise_TE[rows_b.start : rows_b.stop])
-        return task
+    def draw(b: int, rows_b: range):
+        generator = torch.Generator().manual_seed(seed + b)
+        torch.randn((len(rows_b), num_experts), generator=generator, dtype=dtype,
+                    out=noise_TE[rows_b.start : rows_b.stop])
 
-    threads.run_parts([draw(ids) for ids in threads.split_evenly(len(blocks), threads.parts(device))])
+    threads.for_each(blocks, draw, device)
     return noise_TE
 
 
@@ -82,13 +77,6 @@ def _row_blocks(rows: int, num_experts: int, device: torch.device) -> List[range
         return [range(0, rows)] if rows else []
     step = max(16, _BLOCK_ELEMENTS // max(num_experts, 1))
     return [range(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
-def _for_each_block(blocks: List[range], device: torch.device, work) -> None:
-    """work(block index, rows) for every block, blocks split over the threads in runs."""
-    def run(ids: range):
-        return lambda: [work(b, blocks[b]) for b in ids]
-    threads.run_parts([run(ids) for ids in threads.split_evenly(len(blocks), threads.parts(device))])
 
 
 # Up to this many values per row, repeated max + mask beats torch.topk (see ``_top``).
@@ -160,7 +148,7 @@ class _NoisyTopK(torch.autograd.Function):
                 prob.mul_(valid_T[r, None])
             torch.sum(prob, dim=0, out=load_BE[b])  # this block's share of eq. (10)
 
-        _for_each_block(blocks, device, work)
+        threads.for_each(blocks, work, device)
         ctx.save_for_backward(logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1,
                               gate_TK, valid_T)
         ctx.k, ctx.workspace = k, workspace
@@ -207,7 +195,7 @@ class _NoisyTopK(torch.autograd.Function):
             torch.ops.aten.softplus_backward.grad_input(
                 grad_std, raw, 1.0, _SOFTPLUS_THRESHOLD, grad_input=grad_T2E[r, E:])
 
-        _for_each_block(_row_blocks(T, E, device), device, work)
+        threads.for_each(_row_blocks(T, E, device), work, device)
         return grad_T2E, None, None, None, None, None
 
 

@@ -85,6 +85,18 @@ def run_parts(tasks: Sequence[Callable[[], None]]) -> None:
         raise errors[0]
 
 
+def for_each(items: Sequence, work: Callable[[int, object], None], device: torch.device) -> None:
+    """``work(i, items[i])`` for every item, the items cut into ``parts(device)`` contiguous runs
+    of about equal count, one run per thread (``run_parts``)."""
+    def run(ids: range):
+        def task():
+            for i in ids:
+                work(i, items[i])
+        return task
+
+    run_parts([run(ids) for ids in split_evenly(len(items), parts(device))])
+
+
 def split_evenly(num_items: int, num_parts: int) -> List[range]:
     """``range(num_items)`` cut into at most ``num_parts`` contiguous, non-empty ranges of
     sizes differing by at most one."""
