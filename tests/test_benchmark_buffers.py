@@ -155,7 +155,6 @@ def test_workspace_is_not_copied_or_pickled(reuse_small_buffers):
 def test_experts_split_over_threads_match_one_thread(monkeypatch, kind):
     """The expert loop runs on torch.get_num_threads() threads (experts split by rows); the
     results must not depend on it."""
-    from fairseq_smoe.modules import experts as experts_module
     from fairseq_smoe.modules import threads as threads_module
 
     def run(threads, split):
@@ -172,8 +171,42 @@ def test_experts_split_over_threads_match_one_thread(monkeypatch, kind):
     layer = make_layer(kind, layers=2)
     xs = [torch.randn(64, 8), torch.randn(50, 8)]
     assert_same(run(3, True), run(1, False))
-    assert experts_module._partition([(0, 0, 5), (1, 5, 6), (2, 6, 12), (3, 12, 20)], 2) == [
-        [(0, 0, 5), (1, 5, 6), (2, 6, 12)], [(3, 12, 20)]]
+
+
+def test_shared_queue_runs_every_item_once_on_every_thread(monkeypatch):
+    """for_each_shared: each item exactly once, in order from the queue, spread over the threads,
+    with the part index of the thread that ran it; an error in one item reaches the caller."""
+    import threading
+    import time
+
+    from fairseq_smoe.modules import threads as threads_module
+
+    monkeypatch.setattr(threads_module, "ENABLED", True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen, lock = [], threading.Lock()
+
+        def work(part, i):
+            time.sleep(0.002)  # long enough for the second thread to take items too
+            with lock:
+                seen.append((i, part, threading.get_ident()))
+
+        threads_module.for_each_shared(40, work, torch.device("cpu"))
+        assert sorted(i for i, _, _ in seen) == list(range(40))
+        assert {part for _, part, _ in seen} == {0, 1}
+        # One part index per thread: scratch buffers indexed by part are never shared.
+        assert len({(part, ident) for _, part, ident in seen}) == 2
+
+        def failing(part, i):
+            if i == 7:
+                raise RuntimeError("item 7")
+
+        with pytest.raises(RuntimeError, match="item 7"):
+            threads_module.for_each_shared(20, failing, torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_workspace_pickles_empty(reuse_small_buffers):

@@ -53,44 +53,22 @@ def _segments(counts: Sequence[int]):
         start += count
 
 
-def _partition(segments, parts: int):
-    """Split the (expert, start, end) segments into ``parts`` contiguous runs of about equal
-    rows (the work of an expert is proportional to its rows)."""
-    total = sum(end - start for _, start, end in segments)
-    runs, run, done = [], [], 0
-    for seg in segments:
-        run.append(seg)
-        done += seg[2] - seg[1]
-        if len(runs) < parts - 1 and done >= total * (len(runs) + 1) / parts:
-            runs.append(run)
-            run = []
-    runs.append(run)
-    return [r for r in runs if r]
-
-
 def _for_each_expert(work, counts: Sequence[int], device: torch.device) -> None:
     """Call ``work(part, expert, start, end)`` for every expert with rows, ``part`` being the
     index of the thread (for its scratch buffers).
 
-    On CPU with T threads (threads.py) and at least 2·T busy experts, the experts are split
-    into T runs of about equal rows, run concurrently, each with single-threaded kernels: many
-    experts' matrix products are small, and splitting each of them over T threads pays a thread
-    barrier per product. Experts are independent (disjoint rows, their own weight and gradient
-    slices), so no result depends on the split."""
+    On CPU with T threads (threads.py) and at least 2·T busy experts, T threads take experts
+    from one shared queue, most rows first (so the experts left at the end are short), each with
+    single-threaded kernels: many experts' matrix products are small, and splitting each of them
+    over T threads pays a thread barrier per product. Experts are independent (disjoint rows,
+    their own weight and gradient slices), so no result depends on which thread ran which."""
     segments = list(_segments(counts))
-    num_parts = threads.parts(device)
-    if num_parts < 2 or len(segments) < 2 * num_parts:
-        runs = [segments]
-    else:
-        runs = _partition(segments, num_parts)
-
-    def run(part):
-        def task():
-            for expert, start, end in runs[part]:
-                work(part, expert, start, end)
-        return task
-
-    threads.run_parts([run(part) for part in range(len(runs))])
+    if threads.parts(device) < 2 or len(segments) < 2 * threads.parts(device):
+        for expert, start, end in segments:  # few experts: multi-threaded kernels
+            work(0, expert, start, end)
+        return
+    segments.sort(key=lambda seg: seg[1] - seg[2])  # most rows first (stable)
+    threads.for_each_shared(len(segments), lambda part, i: work(part, *segments[i]), device)
 
 
 def _expert_forward(x_rows, weights, biases, expert, hidden_out, y_out):

@@ -12,6 +12,14 @@ single-threaded kernels, pays no barrier until the end.
 all of them, restores the thread count and re-raises the first error. Pieces must not write to
 the same memory. ``SMOE_EXPERT_THREADS=0`` in the environment turns this off (``parts()``
 returns 1: one piece at a time with multi-threaded kernels).
+
+``for_each_shared(num_items, work, device)`` hands the items out one at a time: each thread takes
+the next one when it has finished its last, so no thread idles while another still has a queue.
+Splitting the items into fixed runs up front instead left one core idle for 15-30 % of the
+expert loop here (measured: 1024 experts of MoE-1024-h, one run finished 190 ms before the other
+in a 680 ms forward), because an expert's cost is not proportional to its rows (streaming its
+weights costs the same for 10 rows as for 60) and because the two vCPUs do not run at the same
+speed.
 """
 
 import os
@@ -85,21 +93,32 @@ def run_parts(tasks: Sequence[Callable[[], None]]) -> None:
         raise errors[0]
 
 
-def for_each(items: Sequence, work: Callable[[int, object], None], device: torch.device) -> None:
-    """``work(i, items[i])`` for every item, the items cut into ``parts(device)`` contiguous runs
-    of about equal count, one run per thread (``run_parts``)."""
-    def run(ids: range):
+def for_each_shared(num_items: int, work: Callable[[int, int], None], device: torch.device) -> None:
+    """``work(part, i)`` for i = 0, 1, ..., num_items - 1, ``part`` being the index of the thread
+    that runs it (for per-thread scratch buffers, ``part < max_parts()``). Items are taken in
+    order from one shared counter by ``parts(device)`` threads (``run_parts``); give the costly
+    ones the low indices so that the last items to finish are short."""
+    num_parts = min(parts(device), num_items)
+    if num_parts < 2:
+        for i in range(num_items):
+            work(0, i)
+        return
+    next_item = iter(range(num_items))
+    lock = threading.Lock()
+
+    def run(part: int):
         def task():
-            for i in ids:
-                work(i, items[i])
+            while True:
+                with lock:
+                    i = next(next_item, None)
+                if i is None:
+                    return
+                work(part, i)
         return task
 
-    run_parts([run(ids) for ids in split_evenly(len(items), parts(device))])
+    run_parts([run(part) for part in range(num_parts)])
 
 
-def split_evenly(num_items: int, num_parts: int) -> List[range]:
-    """``range(num_items)`` cut into at most ``num_parts`` contiguous, non-empty ranges of
-    sizes differing by at most one."""
-    num_parts = max(1, min(num_parts, num_items))
-    bounds = [num_items * p // num_parts for p in range(num_parts + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+def for_each(items: Sequence, work: Callable[[int, object], None], device: torch.device) -> None:
+    """``work(i, items[i])`` for every item, spread over the threads (``for_each_shared``)."""
+    for_each_shared(len(items), lambda part, i: work(i, items[i]), device)
