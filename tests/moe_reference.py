@@ -29,10 +29,11 @@ def _phi(z):
     return 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
 
 
-def dense_gate(gate, x_TD, training, keep_T=None):
+def dense_gate(gate, x_TD, training, keep_T=None, noise=None):
     """(G [T, n], Load [n], aux loss) of one gate module, dense, on the rows ``keep_T`` of x_TD.
 
-    The layer draws noise for every row (padding included), so we draw for all rows too."""
+    The layer draws noise for every row (padding included), so we draw for all rows too, unless
+    ``noise`` (for the rows of x_TD) is given."""
     name = type(gate).__name__
     noise_rows = x_TD.shape[0]
     if keep_T is not None:
@@ -62,7 +63,8 @@ def dense_gate(gate, x_TD, training, keep_T=None):
     noisy_training = training and gate.noisy
     if noisy_training:
         std = F.softplus((x_TD @ gate.w_noise).float()) + gate.noise_epsilon
-        noise = gate_noise(noise_rows, n, clean.dtype, clean.device)
+        if noise is None:
+            noise = gate_noise(noise_rows, n, clean.dtype, clean.device)
         H = clean + (noise if keep_T is None else noise[keep_T]) * std
     else:
         H = clean
@@ -109,9 +111,16 @@ def dense_hierarchical_moe(layer, x, padding_mask=None):
     G_primary, load_primary, aux = dense_gate(layer.primary_gate, x_TD, layer.training, keep)
     G_full = G_primary.new_zeros(T, a, b)
     load = G_primary.new_zeros(a, b)
-    for i in range(a):
-        rows = (G_primary[:, i] > 0).nonzero().squeeze(1)  # X^(i), rows in order
-        G_i, load_i, aux_i = dense_gate(layer.secondary_gates[i], real[rows], layer.training)
+    group_rows = [(G_primary[:, i] > 0).nonzero().squeeze(1) for i in range(a)]  # X^(i), in order
+    # Noisy secondary gates: one draw for the rows of all groups, X^(1) first (as the layer).
+    noise = None
+    if layer.training and getattr(layer.secondary_gates[0], "noisy", False):
+        noise = gate_noise(sum(len(r) for r in group_rows), b,
+                           torch.promote_types(real.dtype, torch.float32), x.device)
+        noise = torch.split(noise, [len(r) for r in group_rows])
+    for i, rows in enumerate(group_rows):
+        G_i, load_i, aux_i = dense_gate(layer.secondary_gates[i], real[rows], layer.training,
+                                        noise=None if noise is None else noise[i])
         G_full[rows, i] = G_primary[rows, i : i + 1] * G_i
         load[i] = load_primary[i] * load_i / max(len(rows), 1)
         aux = aux + aux_i

@@ -236,6 +236,59 @@ def test_fused_noisy_top_k_rejects_bad_shapes():
         noisy_top_k(torch.zeros(3, 6), torch.zeros(3, 4), None, 2, 1e-2)
 
 
+def test_fused_noisy_top_k_per_segment_load_equals_separate_calls(monkeypatch):
+    """segment_rows: consecutive row blocks gated alike (a hierarchical layer's groups), the load
+    summed per segment; equal to one call per segment, values and gradients, with blocks that
+    would otherwise cross segment ends and an empty segment."""
+    from fairseq_smoe.modules import noisy_topk
+
+    monkeypatch.setattr(noisy_topk, "_BLOCK_ELEMENTS", 16 * 5)  # 16-row blocks
+    torch.manual_seed(5)
+    segments, E, k = [7, 0, 40, 21], 5, 2
+    T = sum(segments)
+    logits = torch.randn(T, 2 * E, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(T, E, dtype=torch.float64)
+    gate, experts, load = noisy_top_k(logits, noise, None, k, 1e-2, segment_rows=segments)
+    assert load.shape == (len(segments), E)
+    parts = [noisy_top_k(lg, nz, None, k, 1e-2) for lg, nz in
+             zip(torch.split(logits, segments), torch.split(noise, segments))]
+    torch.testing.assert_close(gate, torch.cat([p[0] for p in parts]))
+    assert torch.equal(experts, torch.cat([p[1] for p in parts]))
+    torch.testing.assert_close(load, torch.stack([p[2] for p in parts]))
+    assert load[1].abs().sum() == 0
+    weight_gate = torch.randn(T, k, dtype=torch.float64)
+    weight_load = torch.randn(len(segments), E, dtype=torch.float64)
+    grad = torch.autograd.grad((gate * weight_gate).sum() + (load * weight_load).sum(), logits)[0]
+    reference = torch.autograd.grad(
+        (torch.cat([p[0] for p in parts]) * weight_gate).sum()
+        + sum((p[2] * w).sum() for p, w in zip(parts, weight_load)), logits)[0]
+    torch.testing.assert_close(grad, reference)
+    with pytest.raises(ValueError, match="segment_rows"):
+        noisy_top_k(logits, noise, None, k, 1e-2, segment_rows=[T, 1])
+
+
+def test_grouped_matmul_equals_one_product_per_block():
+    """grouped_matmul (the hierarchical layer's secondary gate projections): block g of rows
+    times weight g; values and gradients equal per-block products, empty block included."""
+    from fairseq_smoe.modules.experts import grouped_matmul
+
+    torch.manual_seed(2)
+    counts = [3, 0, 5, 4]
+    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(len(counts), 6, 4, dtype=torch.float64, requires_grad=True)
+    y = grouped_matmul(x, counts, weight)
+    reference = torch.cat([xb @ weight[g] for g, xb in enumerate(torch.split(x, counts))])
+    torch.testing.assert_close(y, reference)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, weight), grad_y)
+    reference_grads = torch.autograd.grad(reference, (x, weight), grad_y)
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want)
+    assert grads[1][1].abs().sum() == 0  # no rows: zero gradient, not garbage
+    with pytest.raises(ValueError, match="counts must give rows"):
+        grouped_matmul(x, [3, 5, 4], weight)
+
+
 def test_gate_noise_is_standard_normal_reproducible_and_independent_of_threads():
     torch.manual_seed(3)
     one = gate_noise(2000, 64, torch.float32, "cpu")

@@ -306,6 +306,21 @@ class _GroupedFeedForwardCombine(torch.autograd.Function):
         return (grad_x_SD, grad_gate_S, None, None, None, None, *grad_w, *grad_b)
 
 
+def grouped_matmul(x_SD: torch.Tensor, counts: Sequence[int], weight_GIO: torch.Tensor,
+                   workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """One linear map per block of rows, no bias: rows of block g (``counts[g]`` consecutive rows
+    of x_SD) times ``weight_GIO[g]``. The hierarchical layer's secondary gate projections, one
+    per group (App. B). Runs as the experts do (one product per block, blocks spread over the
+    threads, hand-written backward) in the weights' dtype; differentiable in x and the weights."""
+    if len(counts) != weight_GIO.shape[0] or sum(counts) != x_SD.shape[0]:
+        raise ValueError(f"counts must give rows for each of the {weight_GIO.shape[0]} weights and add "
+                         f"up to {x_SD.shape[0]} rows; got {list(counts)}")
+    no_bias_GO = weight_GIO.new_zeros(weight_GIO.shape[0], weight_GIO.shape[2])
+    return _GroupedFeedForward.apply(x_SD.to(weight_GIO.dtype).contiguous(), tuple(counts),
+                                     GroupedFeedForwardOptions(False, workspace), weight_GIO,
+                                     no_bias_GO)
+
+
 class FeedForwardExperts(nn.Module):
     """``num_experts`` ReLU MLPs, input_dim → hidden_dim (× num_hidden_layers) → output_dim.
 

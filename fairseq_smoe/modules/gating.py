@@ -28,7 +28,7 @@ Choices the paper leaves open (documented in the README too):
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -97,28 +97,8 @@ class NoisyTopKGate(nn.Module):
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
         E, k = self.num_experts, self.k
         T = x_TD.shape[0]
-        add_noise = self.training and self.noisy
-        if add_noise:
-            # One matmul for both projections: x·[W_g | W_noise].
-            logits_T2E = _at_least_fp32(x_TD @ torch.cat([self.w_gate, self.w_noise], dim=1))
-            noise_TE = self.draw_noise(logits_T2E[:, :E])
-        else:
-            logits_T2E, noise_TE = _at_least_fp32(x_TD @ self.w_gate), None
-
-        if add_noise and k < E:
-            # H(x), KeepTopK, softmax and the smooth load in one blocked pass (noisy_topk.py).
-            gate_TK, expert_TK, load_E = noisy_top_k(logits_T2E, noise_TE, valid_T, k,
-                                                     self.noise_epsilon, self.workspace)
-        else:
-            # No noise (eval, or the plain top-k gate), or k = n: the load is the counts.
-            clean_TE = logits_T2E[:, :E]
-            noisy_TE = clean_TE
-            if add_noise:  # eq. (4)
-                noise_std_TE = F.softplus(logits_T2E[:, E:]) + self.noise_epsilon
-                noisy_TE = torch.addcmul(clean_TE, noise_TE, noise_std_TE)
-            top_values_TK, expert_TK = noisy_TE.topk(k, dim=-1)  # KeepTopK (eq. 5)
-            gate_TK = torch.softmax(top_values_TK, dim=-1)  # softmax over the kept k only
-            load_E = None
+        logits_T2E = _at_least_fp32(x_TD @ self.projection())
+        gate_TK, expert_TK, load_E = self.route(logits_T2E, valid_T)
         if valid_T is not None:
             expert_TK = torch.where(valid_T[:, None], expert_TK, E)
             gate_TK = gate_TK * valid_T[:, None]
@@ -137,6 +117,36 @@ class NoisyTopKGate(nn.Module):
             aux_loss=logits_T2E.new_zeros(()),
             num_rows=_num_real_rows(valid_T, T),
         )
+
+    @property
+    def adds_noise(self) -> bool:
+        return self.training and self.noisy
+
+    def projection(self) -> torch.Tensor:
+        """The weights the gate multiplies x by: [W_g | W_noise] (one matmul for both
+        projections) when it adds noise, else W_g."""
+        if self.adds_noise:
+            return torch.cat([self.w_gate, self.w_noise], dim=1)
+        return self.w_gate
+
+    def route(self, logits_T2E: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
+              segment_rows: Optional[Sequence[int]] = None):
+        """G(x) from the projected logits x·``projection()``: (gate_TK, expert_TK, smooth load,
+        or None where the load is the counts: no noise, or k = n). With ``segment_rows`` the
+        rows are separate batches (``noisy_topk.noisy_top_k``) and the smooth load is [G, E]."""
+        E, k = self.num_experts, self.k
+        if self.adds_noise:
+            noise_TE = self.draw_noise(logits_T2E[:, :E])
+            if k < E:
+                # H(x), KeepTopK, softmax and the smooth load in one blocked pass (noisy_topk.py).
+                return noisy_top_k(logits_T2E, noise_TE, valid_T, k, self.noise_epsilon,
+                                   self.workspace, segment_rows)
+            noise_std_TE = F.softplus(logits_T2E[:, E:]) + self.noise_epsilon  # eq. (4)
+            noisy_TE = torch.addcmul(logits_T2E[:, :E], noise_TE, noise_std_TE)
+        else:
+            noisy_TE = logits_T2E  # no noise: H(x) = x·W_g
+        top_values_TK, expert_TK = noisy_TE.topk(k, dim=-1)  # KeepTopK (eq. 5)
+        return torch.softmax(top_values_TK, dim=-1), expert_TK, None  # softmax over the kept k
 
     def draw_noise(self, clean_TE: torch.Tensor) -> torch.Tensor:
         """N(0, 1) noise shaped like the clean logits (noisy_topk.gate_noise)."""

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from .dispatch import gather_rows, group_by_expert
-from .gating import _per_expert_sum, build_gate
+from .experts import grouped_matmul
+from .gating import NoisyTopKGate, _at_least_fp32, _counts, _per_expert_sum, build_gate
 from .moe_layer import MoELayerBase, check_k, check_layer_args
 from .stats import count_unrouted
 
@@ -58,35 +59,56 @@ class HierarchicalMoELayer(MoELayerBase):
         primary = self.primary_gate(x_TD, valid_T)
         order_P, group_counts = group_by_expert(primary.expert_A, a)
         rows_P, primary_gate_P = primary.row_A[order_P], primary.gate_A[order_P]
-        # X^(i) of every group in one gather, cut into contiguous per-group blocks (one
+        # X^(i) of every group in one gather: contiguous per-group blocks of P rows (one
         # index_add_ in backward instead of one full-size scatter per group).
-        x_groups = torch.split(gather_rows(x_TD, rows_P, self.workspace, "x_PD"), group_counts)
+        x_PD = gather_rows(x_TD, rows_P, self.workspace, "x_PD")
+        if isinstance(self.secondary_gates[0], NoisyTopKGate):
+            row_A, expert_A, gate_A, load_ab, aux_loss = self._secondary_all_groups(x_PD, group_counts)
+        else:
+            row_A, expert_A, gate_A, load_ab, aux_loss = self._secondary_group_by_group(x_PD, group_counts)
 
-        rows, experts, gates, importance, load, counts = [], [], [], [], [], []
-        aux_loss = primary.aux_loss
-        start = 0
-        for group, group_rows in enumerate(group_counts):
-            # X^(i): the rows whose primary gate for this group is non-zero. An empty group still
-            # runs its gate on zero rows, so every parameter takes part in every step (DDP).
-            rows_G = rows_P[start : start + group_rows]
-            primary_gate_G = primary_gate_P[start : start + group_rows]
-            start += group_rows
-            secondary = self.secondary_gates[group](x_groups[group])
-            gate_A = primary_gate_G[secondary.row_A] * secondary.gate_A
-            rows.append(rows_G[secondary.row_A])
-            experts.append(group * b + secondary.expert_A)
-            gates.append(gate_A)
-            importance.append(_per_expert_sum(secondary.expert_A, gate_A, b))
-            load.append(primary.load_E[group] * secondary.load_E / max(group_rows, 1))
-            counts.append(secondary.counts_E)
-            aux_loss = aux_loss + secondary.aux_loss
-
-        y_TO, row_S = self._experts_and_combine(x_TD, torch.cat(rows), torch.cat(experts),
-                                                torch.cat(gates))
-        stats = self._stats(torch.stack(importance), torch.stack(load), torch.stack(counts),
-                            aux_loss, primary.num_rows,
-                            count_unrouted(row_S, valid_T, x_TD.shape[0]))
+        # G_primary(x)_i · G_i(x)_j, and expert (i, j) at flat index i·b + j.
+        gate_A = primary_gate_P[row_A] * gate_A
+        importance = _per_expert_sum(expert_A, gate_A, a * b).reshape(a, b)
+        counts = _counts(expert_A, a * b).reshape(a, b)
+        rows_in_group = torch.tensor(group_counts, device=load_ab.device).clamp_min(1)
+        load = primary.load_E[:, None] * load_ab / rows_in_group[:, None]
+        y_TO, row_S = self._experts_and_combine(x_TD, rows_P[row_A], expert_A, gate_A)
+        stats = self._stats(importance, load, counts, primary.aux_loss + aux_loss,
+                            primary.num_rows, count_unrouted(row_S, valid_T, x_TD.shape[0]))
         return y_TO.reshape(*x.shape[:-1], self.output_dim), stats
+
+    def _secondary_all_groups(self, x_PD, group_counts):
+        """The noisy top-k secondary gates of all groups at once: their projections as one grouped
+        product (each group's rows times its own [W_g | W_noise]) and one noisy top-k pass over
+        all P rows with the smooth load summed per group. Returns the assignments (row of x_PD,
+        flat expert, secondary gate), the secondary loads [a, b] and the auxiliary loss (0)."""
+        gates, b = self.secondary_gates, self.experts_per_group
+        weight_GDC = torch.stack([gate.projection() for gate in gates])
+        logits_PC = _at_least_fp32(grouped_matmul(x_PD, group_counts, weight_GDC, self.workspace))
+        gate_PK, expert_PK, load_ab = gates[0].route(logits_PC, None, group_counts)  # gates alike
+        group_P = torch.arange(self.num_groups, device=x_PD.device).repeat_interleave(
+            torch.tensor(group_counts, device=x_PD.device), output_size=x_PD.shape[0])
+        expert_A = (group_P[:, None] * b + expert_PK).reshape(-1)
+        if load_ab is None:  # no noise: the load is the counts
+            load_ab = _counts(expert_A, self.num_experts).reshape(self.num_groups, b).to(gate_PK.dtype)
+        row_A = torch.arange(x_PD.shape[0], device=x_PD.device).repeat_interleave(self.k_secondary)
+        return row_A, expert_A, gate_PK.reshape(-1), load_ab, logits_PC.new_zeros(())
+
+    def _secondary_group_by_group(self, x_PD, group_counts):
+        """Other gates (softmax, batchwise), one group at a time. An empty group still runs its
+        gate on zero rows, so every parameter takes part in every step (DDP)."""
+        rows, experts, gates, load, aux_loss = [], [], [], [], x_PD.new_zeros((), dtype=torch.float32)
+        start = 0
+        for group, x_GD in enumerate(torch.split(x_PD, group_counts)):
+            secondary = self.secondary_gates[group](x_GD)
+            rows.append(start + secondary.row_A)
+            experts.append(group * self.experts_per_group + secondary.expert_A)
+            gates.append(secondary.gate_A)
+            load.append(secondary.load_E)
+            aux_loss = aux_loss + secondary.aux_loss
+            start += x_GD.shape[0]
+        return torch.cat(rows), torch.cat(experts), torch.cat(gates), torch.stack(load), aux_loss
 
     def extra_repr(self) -> str:
         return (f"gating={self.gating}, groups={self.num_groups}, "

@@ -28,7 +28,7 @@ number of threads; ``torch.manual_seed`` makes it reproducible. On other devices
 """
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +72,18 @@ def gate_noise(rows: int, num_experts: int, dtype: torch.dtype, device: torch.de
     return noise_TE
 
 
-def _row_blocks(rows: int, num_experts: int, device: torch.device) -> List[range]:
-    if device.type != "cpu":
-        return [range(0, rows)] if rows else []
-    step = max(16, _BLOCK_ELEMENTS // max(num_experts, 1))
-    return [range(start, min(start + step, rows)) for start in range(0, rows, step)]
+def _row_blocks(rows: int, num_experts: int, device: torch.device,
+                segment_rows: Optional[Sequence[int]] = None) -> List[Tuple[int, range]]:
+    """(segment, rows) blocks covering ``range(rows)``: cache-sized on CPU, one per segment on
+    other devices; no block crosses the end of a segment (``segment_rows`` consecutive
+    segments of rows, default one segment of all rows)."""
+    step = max(16, _BLOCK_ELEMENTS // max(num_experts, 1)) if device.type == "cpu" else rows
+    blocks, start = [], 0
+    for segment, count in enumerate([rows] if segment_rows is None else segment_rows):
+        end = start + count
+        blocks += [(segment, range(a, min(a + step, end))) for a in range(start, end, max(step, 1))]
+        start = end
+    return blocks
 
 
 # Up to this many values per row, repeated max + mask beats torch.topk (see ``_top``).
@@ -117,10 +124,11 @@ def _margin(clean, std, top_values, top_experts, k):
 
 
 class _NoisyTopK(torch.autograd.Function):
-    """(gate_TK, expert_TK, load_E) from logits_T2E = x·[W_g | W_noise] and noise_TE."""
+    """(gate_TK, expert_TK, load_GE) from logits_T2E = x·[W_g | W_noise] and noise_TE; the load
+    is summed per segment of rows (``segment_rows``, G segments)."""
 
     @staticmethod
-    def forward(ctx, logits_T2E, noise_TE, valid_T, k, eps, workspace):
+    def forward(ctx, logits_T2E, noise_TE, valid_T, k, eps, workspace, segment_rows):
         T, E = noise_TE.shape
         dtype, device = logits_T2E.dtype, logits_T2E.device
         top_values_TK1 = torch.empty(T, k + 1, dtype=dtype, device=device)
@@ -128,11 +136,11 @@ class _NoisyTopK(torch.autograd.Function):
         top_noise_TK1 = torch.empty(T, k + 1, dtype=dtype, device=device)
         gate_TK = torch.empty(T, k, dtype=dtype, device=device)
         std_TE = _empty(workspace, "std", (T, E), dtype, device)  # saved: softplus is costly
-        blocks = _row_blocks(T, E, device)
+        blocks = _row_blocks(T, E, device, segment_rows)
         load_BE = torch.zeros(max(len(blocks), 1), E, dtype=dtype, device=device)
 
-        def work(b, rows):
-            r = slice(rows.start, rows.stop)
+        def work(b, block):
+            r = slice(block[1].start, block[1].stop)
             clean, raw = logits_T2E[r, :E], logits_T2E[r, E:]
             std = torch.add(F.softplus(raw), eps, out=std_TE[r])  # eq. (4)
             noisy = torch.addcmul(clean, noise_TE[r], std)
@@ -149,26 +157,30 @@ class _NoisyTopK(torch.autograd.Function):
             torch.sum(prob, dim=0, out=load_BE[b])  # this block's share of eq. (10)
 
         threads.for_each(blocks, work, device)
+        num_segments = 1 if segment_rows is None else len(segment_rows)
+        block_segment_B = torch.tensor([seg for seg, _ in blocks] or [0], device=device)
+        load_GE = load_BE.new_zeros(num_segments, E).index_add_(0, block_segment_B, load_BE)
         ctx.save_for_backward(logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1,
                               gate_TK, valid_T)
-        ctx.k, ctx.workspace = k, workspace
+        ctx.k, ctx.workspace, ctx.segment_rows = k, workspace, segment_rows
         expert_TK = top_experts_TK1[:, :k]
         ctx.mark_non_differentiable(expert_TK)
-        return gate_TK, expert_TK, load_BE.sum(0)
+        return gate_TK, expert_TK, load_GE
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_gate_TK, _grad_expert, grad_load_E):
+    def backward(ctx, grad_gate_TK, _grad_expert, grad_load_GE):
         (logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1, gate_TK,
          valid_T) = ctx.saved_tensors
         k = ctx.k
         T, E = std_TE.shape
         device = logits_T2E.device
         grad_T2E = _empty(ctx.workspace, "grad_logits", logits_T2E.shape, logits_T2E.dtype, device)
-        grad_load_1E = grad_load_E.to(logits_T2E.dtype)[None, :]
+        grad_load_GE = grad_load_GE.to(logits_T2E.dtype)
 
-        def work(b, rows):
-            r = slice(rows.start, rows.stop)
+        def work(b, block):
+            segment, r = block[0], slice(block[1].start, block[1].stop)
+            grad_load_1E = grad_load_GE[segment : segment + 1]
             clean, raw, std = logits_T2E[r, :E], logits_T2E[r, E:], std_TE[r]
             top_experts = top_experts_TK1[r]
             z = _margin(clean, std, top_values_TK1[r], top_experts, k)
@@ -195,24 +207,36 @@ class _NoisyTopK(torch.autograd.Function):
             torch.ops.aten.softplus_backward.grad_input(
                 grad_std, raw, 1.0, _SOFTPLUS_THRESHOLD, grad_input=grad_T2E[r, E:])
 
-        threads.for_each(_row_blocks(T, E, device), work, device)
-        return grad_T2E, None, None, None, None, None
+        threads.for_each(_row_blocks(T, E, device, ctx.segment_rows), work, device)
+        return grad_T2E, None, None, None, None, None, None
 
 
 def noisy_top_k(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optional[torch.Tensor],
-                k: int, noise_epsilon: float, workspace: Optional[Workspace] = None):
+                k: int, noise_epsilon: float, workspace: Optional[Workspace] = None,
+                segment_rows: Optional[Sequence[int]] = None):
     """Noisy top-k gate values, experts and smooth load (eq. 3-5, 8-10) for k < n.
 
     ``logits_T2E`` is x·[W_g | W_noise] (float32 or float64), ``noise_TE`` N(0,1) draws (see
     ``gate_noise``), ``valid_T`` bool (False = padding: no load) or None. Returns
-    (gate_TK, expert_TK, load_E); gate_TK and load_E are differentiable w.r.t. the logits."""
+    (gate_TK, expert_TK, load_E); gate_TK and load_E are differentiable w.r.t. the logits.
+
+    With ``segment_rows`` (counts of consecutive rows adding up to T) the rows are G separate
+    batches gated alike, e.g. the X^(i) of a hierarchical layer's groups (App. B), and the load
+    is per segment: load_GE [G, E]."""
     E = noise_TE.shape[1]
     if not 0 < k < E:
         raise ValueError(f"noisy_top_k needs 0 < k < number of experts; got k={k}, {E} experts")
     if logits_T2E.shape != (noise_TE.shape[0], 2 * E):
         raise ValueError(f"logits must be [{noise_TE.shape[0]}, {2 * E}] for noise {list(noise_TE.shape)};"
                          f" got {list(logits_T2E.shape)}")
+    if segment_rows is not None:
+        segment_rows = tuple(int(n) for n in segment_rows)
+        if min(segment_rows, default=0) < 0 or sum(segment_rows) != noise_TE.shape[0]:
+            raise ValueError(f"segment_rows must be row counts >= 0 adding up to the "
+                             f"{noise_TE.shape[0]} rows; got {list(segment_rows)}")
     if valid_T is not None:
         valid_T = valid_T.to(logits_T2E.dtype)
-    return _NoisyTopK.apply(logits_T2E.contiguous(), noise_TE.to(logits_T2E.dtype).contiguous(),
-                            valid_T, k, noise_epsilon, workspace)
+    gate_TK, expert_TK, load_GE = _NoisyTopK.apply(
+        logits_T2E.contiguous(), noise_TE.to(logits_T2E.dtype).contiguous(), valid_T, k,
+        noise_epsilon, workspace, segment_rows)
+    return gate_TK, expert_TK, load_GE[0] if segment_rows is None else load_GE
