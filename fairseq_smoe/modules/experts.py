@@ -37,8 +37,9 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from . import grouped_mm as grouped_products
 from . import threads
-from .dispatch import combine_rows
+from .dispatch import combine, combine_rows
 from .workspace import Workspace
 
 _relu_backward_ = torch.ops.aten.threshold_backward.grad_input  # (grad, post-ReLU value, 0, out=)
@@ -327,7 +328,15 @@ class FeedForwardExperts(nn.Module):
     ``forward(x_SD, counts)`` takes rows sorted by expert (``counts[e]`` rows for expert e, in
     order) and returns each row's expert output. Each expert is initialised like an
     ``nn.Linear`` stack (uniform ±1/sqrt(fan_in)).
+
+    Two implementations of the same math: the expert loop of this file (CPU, and GPUs without
+    grouped products) and ``grouped_mm.grouped_experts`` (one grouped product per layer: CUDA,
+    bf16, compute capability ≥ 9.0). The ``grouped_mm`` attribute ("auto", "always", "never";
+    default from ``SMOE_GROUPED_MM``) chooses; "auto" picks the grouped products only where
+    they are the fast path.
     """
+
+    grouped_mm = grouped_products.default_mode()
 
     def __init__(self, num_experts: int, input_dim: int, hidden_dim: int, output_dim: int,
                  num_hidden_layers: int = 1, recompute_activations: bool = False):
@@ -369,9 +378,19 @@ class FeedForwardExperts(nn.Module):
         options = GroupedFeedForwardOptions(self.recompute_activations, getattr(self, "workspace", None))
         return x_SD.to(self.weights[0].dtype).contiguous(), options
 
+    def _grouped(self, x_SD: torch.Tensor) -> bool:
+        dims = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]
+        return grouped_products.use_grouped_mm(self.grouped_mm, x_SD.device, self.weights[0].dtype,
+                                               dims)
+
     def forward(self, x_SD: torch.Tensor, counts: List[int]) -> torch.Tensor:
         rows_SD, options = self._inputs(x_SD, counts)
-        y_SO = _GroupedFeedForward.apply(rows_SD, tuple(counts), options, *self.weights, *self.biases)
+        if self._grouped(rows_SD):
+            y_SO = grouped_products.grouped_experts(rows_SD, counts, list(self.weights),
+                                                    list(self.biases), self.recompute_activations)
+        else:
+            y_SO = _GroupedFeedForward.apply(rows_SD, tuple(counts), options, *self.weights,
+                                             *self.biases)
         return y_SO.to(x_SD.dtype)
 
     def forward_and_combine(self, x_SD: torch.Tensor, counts: List[int], row_S: torch.Tensor,
@@ -380,6 +399,8 @@ class FeedForwardExperts(nn.Module):
         ``row_S`` of a [num_rows, output_dim] result. Same as ``dispatch.combine(self(x_SD,
         counts), row_S, gate_S, num_rows)``, in one Function (``workspace`` is not needed: the
         experts' own is used)."""
+        if self._grouped(x_SD):
+            return combine(self(x_SD, counts), row_S, gate_S, num_rows, workspace)
         rows_SD, options = self._inputs(x_SD, counts)
         y_TO = _GroupedFeedForwardCombine.apply(rows_SD, gate_S, row_S, num_rows, tuple(counts),
                                                 options, *self.weights, *self.biases)

@@ -85,7 +85,10 @@ class HierarchicalMoELayer(MoELayerBase):
         flat expert, secondary gate), the secondary loads [a, b] and the auxiliary loss (0)."""
         gates, b = self.secondary_gates, self.experts_per_group
         weight_GDC = torch.stack([gate.projection() for gate in gates])
-        logits_PC = _at_least_fp32(grouped_matmul(x_PD, group_counts, weight_GDC, self.workspace))
+        # No workspace: kept between steps, the logits and their input gradient ([P, d], freed
+        # right after use) would add to the layer's resident memory (measured: MoE-1024-h's
+        # activation peak 1.15 -> 1.24 x dense) for a few page faults saved.
+        logits_PC = _at_least_fp32(grouped_matmul(x_PD, group_counts, weight_GDC))
         gate_PK, expert_PK, load_ab = gates[0].route(logits_PC, None, group_counts)  # gates alike
         group_P = torch.arange(self.num_groups, device=x_PD.device).repeat_interleave(
             torch.tensor(group_counts, device=x_PD.device), output_size=x_PD.shape[0])
