@@ -16,11 +16,10 @@ checkpointing.
 
 ``use_grouped_mm(mode, device, dtype, dims)`` says where this path is the default: CUDA, bf16
 weights, compute capability 9.0 or newer, layer sizes that are multiples of 8, and a torch that
-has ``_grouped_mm``. Elsewhere the expert loop
-of experts.py is faster (on CPU, one MKL product per expert on its own thread) and stays the
-default; ``FeedForwardExperts.grouped_mm = "always"`` (or ``SMOE_GROUPED_MM=1``) forces this
-path anywhere torch has the operator, which is how the CPU tests run it through torch's
-reference implementation.
+has ``_grouped_mm``. Elsewhere the expert loop of experts.py is faster (on CPU, one MKL product
+per expert on its own thread) and stays the default; ``FeedForwardExperts.grouped_mm =
+"always"`` (or ``SMOE_GROUPED_MM=1``) forces this path anywhere torch has the operator, which
+is how the CPU tests run it through torch's own CPU implementation.
 """
 
 import itertools
