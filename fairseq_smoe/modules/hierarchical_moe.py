@@ -62,27 +62,29 @@ class HierarchicalMoELayer(MoELayerBase):
         # X^(i) of every group in one gather: contiguous per-group blocks of P rows (one
         # index_add_ in backward instead of one full-size scatter per group).
         x_PD = gather_rows(x_TD, rows_P, self.workspace, "x_PD")
+        rows_in_group_G = torch.tensor(group_counts, device=x_PD.device)
         if isinstance(self.secondary_gates[0], NoisyTopKGate):
-            row_A, expert_A, gate_A, load_ab, aux_loss = self._secondary_all_groups(x_PD, group_counts)
+            secondary = self._secondary_all_groups(x_PD, group_counts, rows_in_group_G)
         else:
-            row_A, expert_A, gate_A, load_ab, aux_loss = self._secondary_group_by_group(x_PD, group_counts)
+            secondary = self._secondary_group_by_group(x_PD, group_counts)
+        row_A, expert_A, gate_A, load_ab, aux_loss = secondary
 
         # G_primary(x)_i · G_i(x)_j, and expert (i, j) at flat index i·b + j.
         gate_A = primary_gate_P[row_A] * gate_A
         importance = _per_expert_sum(expert_A, gate_A, a * b).reshape(a, b)
         counts = _counts(expert_A, a * b).reshape(a, b)
-        rows_in_group = torch.tensor(group_counts, device=load_ab.device).clamp_min(1)
-        load = primary.load_E[:, None] * load_ab / rows_in_group[:, None]
+        load = primary.load_E[:, None] * load_ab / rows_in_group_G.clamp_min(1)[:, None]
         y_TO, row_S = self._experts_and_combine(x_TD, rows_P[row_A], expert_A, gate_A)
         stats = self._stats(importance, load, counts, primary.aux_loss + aux_loss,
                             primary.num_rows, count_unrouted(row_S, valid_T, x_TD.shape[0]))
         return y_TO.reshape(*x.shape[:-1], self.output_dim), stats
 
-    def _secondary_all_groups(self, x_PD, group_counts):
-        """The noisy top-k secondary gates of all groups at once: their projections as one grouped
-        product (each group's rows times its own [W_g | W_noise]) and one noisy top-k pass over
-        all P rows with the smooth load summed per group. Returns the assignments (row of x_PD,
-        flat expert, secondary gate), the secondary loads [a, b] and the auxiliary loss (0)."""
+    def _secondary_all_groups(self, x_PD, group_counts, rows_in_group_G):
+        """The (noisy) top-k secondary gates of all groups at once: their projections as one grouped
+        product (each group's rows times its own gate's ``projection()``) and one top-k pass over
+        all P rows, the load summed per group (smooth with noise, else the counts). Returns the
+        assignments (row of x_PD, flat expert, secondary gate), the secondary loads [a, b] and
+        the auxiliary loss (0)."""
         gates, b = self.secondary_gates, self.experts_per_group
         weight_GDC = torch.stack([gate.projection() for gate in gates])
         # No workspace: kept between steps, the logits and their input gradient ([P, d], freed
@@ -91,7 +93,7 @@ class HierarchicalMoELayer(MoELayerBase):
         logits_PC = _at_least_fp32(grouped_matmul(x_PD, group_counts, weight_GDC))
         gate_PK, expert_PK, load_ab = gates[0].route(logits_PC, None, group_counts)  # gates alike
         group_P = torch.arange(self.num_groups, device=x_PD.device).repeat_interleave(
-            torch.tensor(group_counts, device=x_PD.device), output_size=x_PD.shape[0])
+            rows_in_group_G, output_size=x_PD.shape[0])
         expert_A = (group_P[:, None] * b + expert_PK).reshape(-1)
         if load_ab is None:  # no noise: the load is the counts
             load_ab = _counts(expert_A, self.num_experts).reshape(self.num_groups, b).to(gate_PK.dtype)
