@@ -147,7 +147,10 @@ def test_checkpoint_evaluates_in_one_process(two_worker_run, corpus):
                     "--cpu", "--max-tokens", "256", "--num-workers", "0"])
     assert "merging the expert shards of 2 workers" in validate
     single = re.findall(r"valid on 'valid' subset \| .*?nll_loss ([\d.]+)", validate)
-    assert single == [reported], validate[-2000:]
+    # Two workers (all-to-all, experts apart) and one process sum in other orders: the printed
+    # nll (3 decimals) may differ by one in the last place, never more.
+    assert len(single) == 1 and float(single[0]) == pytest.approx(float(reported), abs=1.5e-3), \
+        validate[-2000:]
     merged = merged_model(str(save_dir / "checkpoint_last.pt"))
     assert merged["decoder.moe.moe.experts.weights.0"].shape[0] == 4
 
@@ -179,7 +182,8 @@ def test_two_worker_update_equals_one_worker_update_on_union_batch(corpus, tmp_p
     two = train(corpus, tmp_path / "two", *sgd)
     one = train(corpus, tmp_path / "one", *sgd, "--update-freq", "2", workers=1)
     gnorm = [re.findall(r"gnorm=([\d.]+)", worker0(out)) for out in (two, one)]
-    assert gnorm[0] == gnorm[1] and gnorm[0]
+    assert gnorm[0] and len(gnorm[0]) == len(gnorm[1])  # printed to 3 decimals; other sum orders
+    assert [float(g) for g in gnorm[0]] == pytest.approx([float(g) for g in gnorm[1]], abs=1.5e-3)
     two_model = merged_model(str(tmp_path / "two" / "checkpoint_last.pt"))
     one_model = merged_model(str(tmp_path / "one" / "checkpoint_last.pt"))
     assert two_model["decoder.moe.moe.experts.weights.0"].shape[0] == 4

@@ -104,7 +104,10 @@ def test_deep_experts_equal_dense_reference():
     assert_same(layer, dense_moe, torch.randn(4, 5, 8), None)
 
 
-def test_recompute_activations_gives_identical_gradients():
+def test_recompute_activations_gives_the_same_gradients():
+    """Recompute runs the experts' forward a second time in backward, into other buffers: MKL's
+    AVX-512 sgemm may round differently by buffer alignment (1 ulp seen on AMD EPYC), so the two
+    paths agree to float32 rounding, not bit for bit."""
     torch.manual_seed(0)
     layer = make_flat("noisy_top_k", layers=2)
     x = torch.randn(20, 8)
@@ -115,9 +118,10 @@ def test_recompute_activations_gives_identical_gradients():
     torch.manual_seed(1)
     y2, stats2 = layer(x)
     got = torch.autograd.grad((y2**2).sum() + stats2.loss, list(layer.parameters()))
-    assert torch.equal(y, y2)
+    torch.testing.assert_close(y2, y, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats2.loss, stats.loss, atol=1e-7, rtol=1e-6)
     for g, g_ref in zip(got, expected):
-        torch.testing.assert_close(g, g_ref, atol=0, rtol=0)
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("gating", ["noisy_top_k", "top_k", "batchwise"])
