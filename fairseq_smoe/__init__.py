@@ -25,4 +25,4 @@ else:
     distributed.install()
     cli_errors.install()
     # fairseq's --user-dir imports only models/ and tasks/: register the rest here.
-    from . import criterions, lr_scheduler, models  # noqa: F401
+    from . import criterions, lr_scheduler, models, optim  # noqa: F401

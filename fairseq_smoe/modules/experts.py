@@ -350,6 +350,8 @@ class FeedForwardExperts(nn.Module):
         self.biases = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, d_out)) for d_out in dims[1:]
         )
+        for p in self.parameters():  # the expert is the leading dim (optimizers: smoe_adam)
+            p.moe_expert_dim = 0
         # Reused large buffers between steps on CPU (workspace.py); not state, not copied.
         self.workspace = Workspace()
         self.reset_parameters()
