@@ -1,0 +1,214 @@
+"""Fault injection for scripts/launch_cpu.py: killed launcher, killed/stopped/silent workers,
+bad arguments. The workers are small Python programs (no fairseq), so every test is quick and
+bounded: each process is waited for with a timeout and killed in a finally block."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "scripts", "launch_cpu.py")
+MARK = "smoe-fault-worker"  # in every fake worker's command line: cleanup kills only those
+
+# A fake worker. It records its pid in $FAULT_DIR/pid{rank} (written whole, then renamed), says
+# it is ready, and then does what $FAULT_{rank} says (default: sleep, i.e. train forever).
+WORKER = f"""# {MARK}
+import os, subprocess, sys, time
+rank = int(sys.argv[sys.argv.index('--distributed-rank') + 1])
+folder = os.environ['FAULT_DIR']
+def record(name, pid):
+    with open(os.path.join(folder, name + '.tmp'), 'w') as f:
+        f.write(str(pid))
+    os.replace(os.path.join(folder, name + '.tmp'), os.path.join(folder, name))
+action = os.environ.get('FAULT_' + str(rank), 'sleep')
+if action == 'child-then-fail':  # e.g. a dataloader process, then an error
+    child = subprocess.Popen([sys.executable, '-c', '# {MARK}\\nimport time; time.sleep(60)'])
+    record('child' + str(rank), child.pid)
+record('pid' + str(rank), os.getpid())
+print('worker', rank, 'ready', flush=True)
+if action == 'kill9':
+    os.kill(os.getpid(), 9)
+if action == 'child-then-fail':
+    sys.exit(5)
+if action == 'chatty':
+    for _ in range(20):
+        print('step', flush=True)
+        time.sleep(0.2)
+    sys.exit(0)
+if action == 'quiet':
+    time.sleep(4)
+    sys.exit(0)
+time.sleep(60)
+"""
+
+
+def state(pid):
+    """'R', 'S', 'T', ... from /proc; None once the process is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            code = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if code in ("Z", "X") else code
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting until {what}")
+        time.sleep(0.05)
+
+
+class Run:
+    """The launcher as a subprocess with fake workers; ``pids(n)`` waits for their pid files."""
+
+    def __init__(self, folder, *flags, workers=2, faults=None):
+        self.folder = folder
+        env = dict(os.environ, FAULT_DIR=str(folder))
+        env.update({f"FAULT_{rank}": action for rank, action in (faults or {}).items()})
+        self.proc = subprocess.Popen(
+            [sys.executable, LAUNCHER, "-n", str(workers), *flags, "--", sys.executable, "-c", WORKER],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+
+    def pid(self, name, timeout=30):
+        path = self.folder / name
+        wait_until(path.exists, timeout, f"{name} is written")
+        return int(path.read_text())
+
+    def pids(self, workers=2):
+        return [self.pid(f"pid{rank}") for rank in range(workers)]
+
+    def finish(self, timeout=60):
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def cleanup(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=30)
+        for path in self.folder.iterdir():
+            if path.suffix == "" and path.name.startswith(("pid", "child")):
+                pid = int(path.read_text())
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        ours = MARK.encode() in f.read()
+                except OSError:
+                    continue
+                if ours and state(pid) is not None:
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def run(tmp_path):
+    runs = []
+
+    def start(*flags, **kwargs):
+        runs.append(Run(tmp_path, *flags, **kwargs))
+        return runs[-1]
+
+    yield start
+    for r in runs:
+        r.cleanup()
+
+
+def assert_gone(pids, timeout=15):
+    wait_until(lambda: all(state(pid) is None for pid in pids), timeout, f"processes {pids} are gone")
+
+
+def test_sigkill_of_the_launcher_kills_its_workers(run):
+    r = run()
+    pids = r.pids()
+    assert all(state(pid) is not None for pid in pids)
+    r.proc.send_signal(signal.SIGKILL)
+    r.proc.communicate(timeout=30)
+    assert_gone(pids)
+
+
+def test_sigterm_to_the_launcher_stops_all_workers(run):
+    r = run()
+    pids = r.pids()
+    r.proc.send_signal(signal.SIGTERM)
+    status, _, err = r.finish()
+    assert status == 128 + signal.SIGTERM
+    assert "[launch_cpu] got SIGTERM; stopping all workers" in err
+    assert_gone(pids)
+
+
+def test_a_stopped_worker_stops_the_run(run):
+    r = run("--stopped-timeout", "1")
+    pids = r.pids()
+    os.kill(pids[1], signal.SIGSTOP)
+    status, _, err = r.finish()
+    assert status == 124, err
+    assert f"worker 1 (pid {pids[1]}) has been stopped (SIGSTOP)" in err
+    assert "stopping all workers" in err and "--stopped-timeout" in err
+    assert_gone(pids)
+
+
+def test_no_output_for_stall_timeout_stops_the_run(run):
+    r = run("--stall-timeout", "1")
+    pids = r.pids()
+    status, out, err = r.finish()
+    assert status == 124, err
+    assert "worker 0 ready" in out and "[worker 1] worker 1 ready" in out
+    assert "no output from any worker for 1 s (--stall-timeout 1)" in err
+    assert_gone(pids)
+
+
+def test_output_in_a_log_file_counts_as_activity(run, tmp_path):
+    """Worker 0 prints one line and exits after 4 s; worker 1 writes a line to --log-dir every
+    0.2 s meanwhile. Without counting the log file, 4 s of silence > --stall-timeout 3."""
+    logs = tmp_path / "logs"
+    r = run("--stall-timeout", "3", "--log-dir", str(logs), faults={0: "quiet", 1: "chatty"})
+    status, out, err = r.finish()
+    assert status == 0, err
+    assert "no output" not in err
+    assert out.count("ready") == 1 and (logs / "worker1.log").read_text().count("step") == 20
+
+
+def test_a_worker_killed_by_a_signal_stops_the_others(run):
+    r = run(faults={1: "kill9"})
+    pids = r.pids()
+    status, _, err = r.finish()
+    assert status == 128 + signal.SIGKILL
+    assert "[launch_cpu] worker 1 was killed by SIGKILL" in err and "out-of-memory" in err
+    assert_gone(pids)
+
+
+def test_a_failed_worker_takes_its_children_and_the_others_with_it(run):
+    r = run(faults={1: "child-then-fail"})
+    pids, child = r.pids(), r.pid("child1")
+    status, _, err = r.finish()
+    assert status == 5
+    assert "[launch_cpu] worker 1 exited with status 5 (its output above says why); " \
+           "stopping all workers" in err
+    assert_gone(pids + [child])
+
+
+def test_a_command_that_does_not_exist_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, LAUNCHER, "-n", "2", "--", "no-such-fairseq-train", "x"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 127
+    assert "[launch_cpu] error: cannot run 'no-such-fairseq-train': No such file or directory; " \
+           "give the program's path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-n", "0", "--", "fairseq-train"], "--workers must be >= 1 (got 0)"),
+    (["--stall-timeout", "-1", "--", "fairseq-train"], "--stall-timeout must be >= 0"),
+    (["--port", "70000", "--", "fairseq-train"], "--port must be 0"),
+    (["-n", "2"], "give the fairseq command after --"),
+])
+def test_impossible_arguments_are_refused(flags, message):
+    result = subprocess.run([sys.executable, LAUNCHER, *flags], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert f"launch_cpu.py: error: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
