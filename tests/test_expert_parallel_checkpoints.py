@@ -130,11 +130,28 @@ def test_world_size_must_divide_experts_or_groups():
     check_shardable(HierarchicalMoELayer(4, 4, num_groups=4, experts_per_group=3, hidden_dim=4), 2)
 
 
-def test_reshard_script(tmp_path, capsys):
+def reshard_script():
     spec = importlib.util.spec_from_file_location(
         "reshard_experts", os.path.join(ROOT, "scripts", "reshard_experts.py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def refused(script, capsys, *argv):
+    """reshard_experts.py's error line (argparse style, exit status 2) for these arguments."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        script.main(list(argv))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("reshard_experts.py: error: "), err
+    return lines[0]
+
+
+def test_reshard_script(tmp_path, capsys):
+    script = reshard_script()
     full, base = write_run(tmp_path, 2)
     merged = str(tmp_path / "out" / "merged.pt")
     assert script.main([base, "-o", merged]) == 0
@@ -143,11 +160,92 @@ def test_reshard_script(tmp_path, capsys):
     assert script.main([base, "--workers", "4", "-o", four]) == 0
     for rank in range(4):
         assert_states_equal(load(shard_path(four, rank)), select_expert_shard(full, plan(rank, 4)))
-    capsys.readouterr()
-    assert script.main([base, "--workers", "3", "-o", four]) == 1
-    assert "cannot hold equal shares of the 8 experts" in capsys.readouterr().err
-    assert script.main([str(tmp_path / "nothing.pt"), "-o", merged]) == 1
-    assert "not found" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "four")) == sorted(
+        os.path.basename(shard_path(four, r)) for r in range(4))  # no temporary files left
+    three = str(tmp_path / "three" / "checkpoint_last.pt")
+    line = refused(script, capsys, base, "-n", "3", "-o", three)
+    assert "cannot hold equal shares of the 8 experts" in line
+    assert "not found" in refused(script, capsys, str(tmp_path / "nothing.pt"), "-o", three)
+    assert "--workers must be >= 1" in refused(script, capsys, base, "-n", "0", "-o", three)
+    assert not (tmp_path / "three").exists()  # checked before creating the output folder
+
+
+def test_reshard_refuses_to_overwrite_without_force(tmp_path, capsys):
+    script = reshard_script()
+    full, base = write_run(tmp_path, 2)
+    four = str(tmp_path / "four" / "checkpoint_last.pt")
+    assert script.main([base, "-n", "4", "-o", four]) == 0
+    before = {r: os.stat(shard_path(four, r)).st_mtime_ns for r in range(4)}
+    line = refused(script, capsys, base, "-n", "4", "-o", four)
+    assert f"{four} exists (and 3 more of the output files); choose another -o or add --force" in line
+    os.remove(four)  # only a shard file of -o is in the way: still refused, naming it
+    os.remove(shard_path(four, 1))
+    line = refused(script, capsys, base, "-n", "4", "-o", four)
+    assert f"{shard_path(four, 2)} exists (and 1 more" in line and "--force" in line
+    assert {r: os.stat(shard_path(four, r)).st_mtime_ns for r in (2, 3)} == {2: before[2], 3: before[3]}
+    assert script.main([base, "-n", "4", "-o", four, "--force"]) == 0
+    for rank in range(4):
+        assert_states_equal(load(shard_path(four, rank)), select_expert_shard(full, plan(rank, 4)))
+
+
+def test_reshard_refuses_directories_inputs_and_shard_names_as_output(tmp_path, capsys):
+    script = reshard_script()
+    _, base = write_run(tmp_path, 2)
+    line = refused(script, capsys, base, "-o", str(tmp_path))
+    assert f"-o {tmp_path} is a directory; give a file name, e.g. {tmp_path}/checkpoint_last.pt" in line
+    assert "would overwrite the input" in refused(script, capsys, base, "-n", "2", "-o", base, "--force")
+    line = refused(script, capsys, base, "-o", shard_path(base, 1), "--force")
+    assert "is a shard file name; give worker 0's name" in line
+    link = tmp_path / "link.pt"  # another name of the input's shard file
+    os.symlink(shard_path(base, 1), link)
+    line = refused(script, capsys, base, "-o", str(link), "--force")
+    assert f"-o would overwrite the input {shard_path(base, 1)} (even with --force)" in line
+    (tmp_path / "file").write_text("x")
+    line = refused(script, capsys, base, "-o", str(tmp_path / "file" / "sub" / "out.pt"))
+    assert "cannot create the folder" in line and "is a file" in line
+
+
+def test_reshard_missing_or_corrupt_inputs_write_nothing(tmp_path, capsys, monkeypatch):
+    script = reshard_script()
+    _, base = write_run(tmp_path, 2)
+    out = tmp_path / "new" / "out.pt"
+    shard = shard_path(base, 1)
+    data = open(shard, "rb").read()
+    with open(shard, "wb") as f:  # truncated: a copy that stopped half way
+        f.write(data[:len(data) // 2])
+    line = refused(script, capsys, base, "-o", str(out))
+    assert f"cannot read {shard}" in line and "truncated or not a checkpoint" in line
+    os.remove(shard)
+    assert "checkpoint_last-expert-shard1.pt" in refused(script, capsys, base, "-o", str(out))
+    assert not (tmp_path / "new").exists()
+    with open(shard, "wb") as f:
+        f.write(data)
+    calls = []
+
+    def failing_save(state, path):  # the disk fills up at the second file
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        torch.save(state, path)
+
+    monkeypatch.setattr(script.torch, "save", failing_save)
+    line = refused(script, capsys, base, "-n", "2", "-o", str(out))
+    assert "cannot write" in line and "nothing was written" in line
+    assert os.listdir(tmp_path / "new") == []  # no output, no temporary file
+
+
+def test_reshard_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "checkpoint_last.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reshard_experts.py"),
+                             str(bad), "-o", str(tmp_path / "out.pt")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"reshard_experts.py: error: cannot read {bad}" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.pt").exists()
 
 
 @pytest.mark.parametrize("flags, named", [
