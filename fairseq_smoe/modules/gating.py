@@ -27,8 +27,7 @@ Choices the paper leaves open (documented in the README too):
 """
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,12 +39,15 @@ from .workspace import Workspace
 GATING_MODES = ("noisy_top_k", "top_k", "softmax", "batchwise")
 
 
-@dataclass
-class GateOutput:
+class GateOutput(NamedTuple):
     """What a gate decided for a batch of T rows and E experts.
 
     Assignments are flat vectors of length A (A = T·k for top-k gates). A row that is padding
     has its assignments pointed at the sentinel expert E, with gate 0: dispatch drops them.
+
+    A named tuple, not a dataclass: torch's (non-full) module backward hooks, which fairseq's
+    NanDetector registers when a gradient turns NaN/Inf, index a module's output with ``[0]``
+    until they reach a tensor.
     """
 
     row_A: torch.Tensor  # long [A]: input row of each assignment

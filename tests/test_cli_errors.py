@@ -1,0 +1,102 @@
+"""Mistakes end a fairseq command with one clear line, from every worker and every launcher path.
+
+* a plugin configuration error in a 2-worker run (scripts/launch_cpu.py) reaches the user
+  (torch.distributed's excepthook buffers stderr; the line must not be lost in it), exit 2;
+* an error of ours inside a child of fairseq's own launcher (torch.multiprocessing.spawn) is
+  reported as its message, not the child's traceback;
+* NaN/Inf gradients: fairseq's NanDetector runs over MoE modules (their outputs are tuples it
+  can walk) and the command ends with one line that says what to change.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_distributed_fairseq import BIN, MODEL, ROOT, corpus  # noqa: F401  (module fixture)
+
+from fairseq_smoe import cli_errors
+from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer
+
+pytestmark = pytest.mark.slow
+
+
+def fairseq_train(corpus, save_dir, *extra, workers=1, timeout=300):  # noqa: F811
+    args = [os.path.join(BIN, "fairseq-train"), corpus, "--user-dir", "fairseq_smoe",
+            "--save-dir", str(save_dir), *MODEL, "--optimizer", "adam", "--lr", "1e-3", *extra]
+    if workers == 1:
+        args.append("--cpu")
+    else:
+        args = [sys.executable, os.path.join(ROOT, "scripts", "launch_cpu.py"), "--workers",
+                str(workers), "--"] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--moe-num-experts", "3", "--moe-k", "1"], "2 workers cannot hold equal shares of the 3 experts"),
+    (["--moe-num-experts", "12", "--moe-groups", "3", "--moe-k", "1"],
+     "2 workers cannot hold equal numbers of whole groups"),
+    (["--moe-k", "5"], "--moe-k 5 is larger than --moe-num-experts 4"),
+    (["--store-ema"], "does not support --store-ema"),
+])
+def test_configuration_errors_reach_the_user_from_every_worker(corpus, tmp_path, extra, message):  # noqa: F811, E501
+    result = fairseq_train(corpus, tmp_path, "--max-update", "1", *extra, workers=2)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    lines = [line for line in output.splitlines() if "fairseq-smoe: error:" in line]
+    assert lines and all(message in line for line in lines), output[-3000:]
+    assert "Traceback" not in output
+    assert not (tmp_path / "checkpoint_last.pt").exists()
+
+
+def test_error_of_a_spawned_worker_is_reported_by_its_message():
+    child = ('Traceback (most recent call last):\n'
+             '  File "/x/site-packages/torch/multiprocessing/spawn.py", line 90, in _wrap\n'
+             '    fn(i, *args)\n'
+             f'  File "{os.path.join(os.path.dirname(cli_errors.__file__), "moe_args.py")}", '
+             'line 7, in build\n'
+             '    raise ValueError(msg)\n'
+             'ValueError: --moe-k 5 is larger than --moe-num-experts 4; use --moe-k <= 4\n')
+    assert cli_errors.child_error_message(child) == \
+        "--moe-k 5 is larger than --moe-num-experts 4; use --moe-k <= 4"
+    # Raised elsewhere (torch, fairseq) or another type: the traceback stays.
+    assert cli_errors.child_error_message(child.replace(os.path.dirname(cli_errors.__file__), "/x")) is None
+    assert cli_errors.child_error_message(child.replace("ValueError:", "KeyError:")) is None
+
+    class ProcessRaisedException(Exception):
+        error_index = 1
+
+    message, status = cli_errors.one_line(ProcessRaisedException, ProcessRaisedException(child), None)
+    assert status == 2 and message.startswith("fairseq-smoe: error (worker 1): --moe-k 5 is larger")
+
+
+@pytest.mark.parametrize("layer", [
+    MoELayer(8, 8, num_experts=4, hidden_dim=16, k=2),
+    HierarchicalMoELayer(8, 8, num_groups=2, experts_per_group=2, hidden_dim=16, k_primary=1,
+                         k_secondary=2),
+])
+def test_nan_detector_walks_moe_modules(layer, caplog):
+    """fairseq re-runs a step with NaN/Inf gradients under NanDetector, whose backward hooks
+    index every module's output with [0] until they reach a tensor."""
+    from fairseq.nan_detector import NanDetector
+
+    layer.train()
+    x = torch.randn(6, 8, requires_grad=True)
+    with NanDetector(layer):
+        y, stats = layer(x)
+        (y.sum() * float("inf") + stats.loss).backward()
+    assert any("detected in output of" in r.getMessage() for r in caplog.records)
+
+
+def test_diverged_training_ends_with_one_line_after_fairseqs_report(corpus, tmp_path):  # noqa: F811
+    result = fairseq_train(corpus, tmp_path, "--optimizer", "sgd", "--lr", "1e6",
+                           "--max-update", "40", "--disable-validation")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "fairseq.nan_detector" in output  # fairseq's own report of where it went NaN/Inf
+    assert "Traceback" not in output and "not subscriptable" not in output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("fairseq-smoe: error: training diverged: gradients are Nan/Inf")
+    assert "--lr" in last and "--clip-norm" in last
