@@ -92,14 +92,19 @@ def check_not_an_input(outputs: list, inputs: list) -> None:
 
 
 def write_all(states: list, outputs: list) -> None:
-    """Write every state under a temporary name next to its target, then rename them all."""
-    temps = [f"{path}.tmp{os.getpid()}" for path in outputs]
+    """Write every state under a temporary name next to its target (fsynced), then rename them
+    all: the outputs appear together or not at all. ``NAME.tmp-PID`` is the temporary name
+    fairseq_smoe.checkpoint_safety uses too."""
+    temps = [f"{os.path.abspath(path)}.tmp-{os.getpid()}" for path in outputs]
     renamed, current = 0, outputs[0]  # for the message
     try:
         os.makedirs(os.path.dirname(os.path.abspath(outputs[0])), exist_ok=True)
         for index, state in enumerate(states):
             current = outputs[index]
-            torch.save(state, temps[index])
+            with open(temps[index], "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
         for index, temp in enumerate(temps):
             current = outputs[index]
             os.replace(temp, current)
