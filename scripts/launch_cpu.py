@@ -22,8 +22,9 @@ The workers live and die with the run. If one fails, is killed, stays stopped (S
 --stopped-timeout seconds, or no worker prints anything for --stall-timeout seconds, the others
 are stopped and the launcher exits non-zero with a line saying what happened: the failing
 worker's status, 128 + the signal that killed it, or 124 for a stopped or silent run.
-SIGINT/SIGTERM/SIGHUP to the launcher stop all workers (a second one kills them at once).
-On Linux the workers also die when the launcher itself is killed, even with SIGKILL.
+SIGINT/SIGTERM/SIGHUP to the launcher stop all workers (a second one kills them at once);
+SIGTSTP (Ctrl-Z) pauses them with it until it is continued (fg). On Linux the workers also
+die when the launcher itself is killed, even with SIGKILL.
 Exit status 2: bad arguments; 127/126: the command cannot be run.
 """
 
@@ -202,6 +203,24 @@ def on_signal(number, _frame):
     raise Stop(signal_name(number))
 
 
+def pause_with_workers(procs, activity):
+    """SIGTSTP handler (Ctrl-Z). The workers have sessions of their own, so the terminal stops
+    only the launcher: stop them too, stop the launcher, and continue them when it is continued
+    (fg, SIGCONT)."""
+    def handler(_number, _frame):
+        for proc in procs:
+            if proc.poll() is None:
+                signal_group(proc, signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # returns when the launcher is continued
+        signal.signal(signal.SIGTSTP, handler)
+        for proc in procs:
+            if proc.poll() is None:
+                signal_group(proc, signal.SIGCONT)
+        activity[0] = time.monotonic()  # a pause is not a stall
+    return handler
+
+
 def start_workers(command, world_size, port, env, log_dir):
     """All workers are started before any output thread, so no other thread runs while we fork
     (preexec_fn is only safe then). Returns (procs, streams, log files)."""
@@ -302,8 +321,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log(f"{world_size} workers, {threads} threads each, rendezvous tcp://127.0.0.1:{port}")
 
-    handled = (signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGTSTP] = signal.getsignal(signal.SIGTSTP)
     procs, logs, pumps = [], [], []
     try:
         try:
@@ -313,6 +332,7 @@ def main(argv=None) -> int:
                 f"(e.g. .venv/bin/fairseq-train) or put it on PATH")
             return 127 if isinstance(error, FileNotFoundError) else 126
         activity = [time.monotonic()]
+        signal.signal(signal.SIGTSTP, pause_with_workers(procs, activity))
         for rank, proc in enumerate(procs):
             if proc.stdout is not None:
                 prefix = "" if rank == 0 else f"[worker {rank}] "
@@ -334,7 +354,7 @@ def main(argv=None) -> int:
         for file in logs:
             file.close()
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     return status
 
 

@@ -140,6 +140,21 @@ def test_sigterm_to_the_launcher_stops_all_workers(run):
     assert_gone(pids)
 
 
+def test_ctrl_z_pauses_the_workers_with_the_launcher(run):
+    r = run("--stopped-timeout", "1")
+    pids = r.pids()
+    r.proc.send_signal(signal.SIGTSTP)  # the workers have their own sessions: forwarded
+    wait_until(lambda: [state(p) for p in [r.proc.pid] + pids] == ["T"] * 3, 15, "all are stopped")
+    r.proc.send_signal(signal.SIGCONT)  # fg
+    wait_until(lambda: "T" not in [state(p) for p in [r.proc.pid] + pids], 15, "all run again")
+    time.sleep(2.5)  # > --stopped-timeout: the pause did not count as a stopped worker
+    assert r.proc.poll() is None and all(state(p) is not None for p in pids)
+    r.proc.send_signal(signal.SIGTERM)
+    status, _, err = r.finish()
+    assert status == 128 + signal.SIGTERM and "has been stopped" not in err, err
+    assert_gone(pids)
+
+
 def test_a_stopped_worker_stops_the_run(run):
     r = run("--stopped-timeout", "1")
     pids = r.pids()
