@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fairseq_smoe.checkpoint_safety import add_checksum, verify_and_strip  # noqa: E402
 from fairseq_smoe.distributed.checkpoints import (  # noqa: E402
     SHARD_META_KEY,
     base_path,
@@ -50,6 +51,7 @@ def load_file(path):
                       f"copy it again from the run") from None
     if not isinstance(state, dict) or "model" not in state:
         raise Refused(f"{path} is not a fairseq checkpoint (no 'model' entry)")
+    verify_and_strip(state, path)  # the model checksum saved with it: ValueError if damaged
     return state
 
 
@@ -93,14 +95,15 @@ def check_not_an_input(outputs: list, inputs: list) -> None:
 
 def write_all(states: list, outputs: list) -> None:
     """Write every state under a temporary name next to its target (fsynced), then rename them
-    all: the outputs appear together or not at all. ``NAME.tmp-PID`` is the temporary name
-    fairseq_smoe.checkpoint_safety uses too."""
+    all: the outputs appear together or not at all (checkpoint_safety.atomic_torch_save does
+    one file; its temporary name NAME.tmp-PID is used here too)."""
     temps = [f"{os.path.abspath(path)}.tmp-{os.getpid()}" for path in outputs]
     renamed, current = 0, outputs[0]  # for the message
     try:
         os.makedirs(os.path.dirname(os.path.abspath(outputs[0])), exist_ok=True)
         for index, state in enumerate(states):
             current = outputs[index]
+            add_checksum(state)  # of this file's own tensors, verified when it is loaded
             with open(temps[index], "wb") as f:
                 torch.save(state, f)
                 f.flush()

@@ -7,6 +7,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from fairseq_smoe.checkpoint_safety import CHECKSUM_KEY, add_checksum, verify_and_strip
 from fairseq_smoe.distributed.checkpoints import (
     SHARD_META_KEY,
     base_path,
@@ -162,6 +163,10 @@ def test_reshard_script(tmp_path, capsys):
         assert_states_equal(load(shard_path(four, rank)), select_expert_shard(full, plan(rank, 4)))
     assert sorted(os.listdir(tmp_path / "four")) == sorted(
         os.path.basename(shard_path(four, r)) for r in range(4))  # no temporary files left
+    for path in (merged, shard_path(four, 3)):  # each carries the checksum of its own tensors
+        state = load(path)
+        assert CHECKSUM_KEY in state
+        verify_and_strip(state, path)
     three = str(tmp_path / "three" / "checkpoint_last.pt")
     line = refused(script, capsys, base, "-n", "3", "-o", three)
     assert "cannot hold equal shares of the 8 experts" in line
@@ -218,6 +223,14 @@ def test_reshard_missing_or_corrupt_inputs_write_nothing(tmp_path, capsys, monke
     os.remove(shard)
     assert "checkpoint_last-expert-shard1.pt" in refused(script, capsys, base, "-o", str(out))
     assert not (tmp_path / "new").exists()
+    with open(shard, "wb") as f:
+        f.write(data)
+    damaged = load(shard)  # readable, but a tensor differs from the checksum saved with it
+    add_checksum(damaged)
+    damaged["model"]["dec.moe.experts.biases.0"][0, 0] += 1
+    torch.save(damaged, shard)
+    line = refused(script, capsys, base, "-o", str(out))
+    assert f"{shard} is damaged" in line and "dec.moe.experts.biases.0" in line
     with open(shard, "wb") as f:
         f.write(data)
     calls = []
