@@ -18,6 +18,10 @@ Loading (``load_for_this_process``, hooked into fairseq's ``load_checkpoint_to_c
       all W files are read and merged into an ordinary full checkpoint;
     * M workers, M ≠ W: merged, then each worker keeps its share (M must divide the experts).
 ``scripts/reshard_experts.py`` writes merged or resharded files ahead of time.
+
+Files of one checkpoint that come from different saves (a worker stopped during a save) or a
+missing shard stop every worker with an error that names the newest numbered checkpoint whose
+W files all exist and agree (``last_consistent_checkpoint``) and how to resume from it.
 """
 
 import logging
@@ -27,6 +31,8 @@ from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from ..checkpoint_safety import CHECKSUM_KEY, numbered_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +114,11 @@ def merge_expert_shards(states: List[dict], names: Optional[List[str]] = None) -
         if shard_meta.get("rank") != rank or shard_meta.get("world_size") != world_size:
             raise ValueError(f"{name} is not worker {rank} of {world_size} of {names[0]}")
         if _progress(state) != _progress(states[0]):
-            raise ValueError(
-                f"{name} and {names[0]} come from different saves (updates/epoch/iteration "
-                f"{_progress(state)} vs {_progress(states[0])}); the shard files of one checkpoint "
-                f"must be written together")
+            raise ValueError(_different_saves(name, names[0], state, states[0], world_size))
 
     full = dict(states[0])
     full.pop(SHARD_META_KEY)
+    full.pop(CHECKSUM_KEY, None)  # of worker 0's share only
     model = OrderedDict(states[0]["model"])
     for key in meta["model_keys"]:
         model[key] = torch.cat([state["model"][key] for state in states], dim=0)
@@ -151,6 +155,7 @@ def select_expert_shard(state: dict, plan: dict) -> dict:
             optimizer_state, plan["optimizer_slots"],
             lambda index, name, value, total: cut(value, total), use_total=True)
     shard[SHARD_META_KEY] = dict(plan)
+    shard.pop(CHECKSUM_KEY, None)  # of the full model
     return shard
 
 
@@ -203,13 +208,20 @@ def load_for_this_process(path: str, load_one: Callable[[str], dict],
     saved_world = meta["world_size"]
     if plan is not None and plan["world_size"] == saved_world:
         if plan["rank"] == 0:
+            # The others compare their own file with this one; worker 0 reads only the
+            # progress of theirs (no tensor data), so that it stops with the same message.
+            for rank in range(1, saved_world):
+                other = shard_path(base, rank)
+                _require_file(other, base, saved_world)
+                peer = _peek(other)
+                if peer is not None and _progress(peer) != _progress(state):
+                    raise ValueError(_different_saves(other, base, peer, state, saved_world))
             return state
         own_path = shard_path(base, plan["rank"])
         _require_file(own_path, base, saved_world)
         own = load_one(own_path)
         if _progress(own) != _progress(state):
-            raise ValueError(f"{own_path} and {base} come from different saves; the shard files "
-                             f"of one checkpoint must be written together")
+            raise ValueError(_different_saves(own_path, base, own, state, saved_world))
         return own
 
     paths = [shard_path(base, r) for r in range(saved_world)]
@@ -230,4 +242,58 @@ def _require_file(path: str, base: str, world_size: int) -> None:
         raise FileNotFoundError(
             f"{base} holds 1/{world_size} of the experts of an expert-parallel run; its other "
             f"shards are files named like {path} in the same directory. Copy all "
-            f"{world_size} files together (or merge them with scripts/reshard_experts.py).")
+            f"{world_size} files together (or merge them with scripts/reshard_experts.py). "
+            f"{_resume_hint(base, world_size)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# After a worker died during a save
+
+
+def _peek(path: str) -> Optional[dict]:
+    """A checkpoint's metadata without reading its tensors (memory-mapped); None if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # trusted
+    except Exception:  # damaged, truncated, or not in torch's zip format
+        return None
+
+
+def consistent_save(base: str, world_size: int) -> bool:
+    """Whether all ``world_size`` files of checkpoint ``base`` exist and come from one save."""
+    states = []
+    for rank in range(world_size):
+        path = shard_path(base, rank)
+        state = _peek(path) if os.path.isfile(path) else None
+        meta = (state or {}).get(SHARD_META_KEY) or {}
+        if meta.get("rank") != rank or meta.get("world_size") != world_size:
+            return False
+        states.append(state)
+    return all(_progress(s) == _progress(states[0]) for s in states)
+
+
+def last_consistent_checkpoint(directory: str, world_size: int, limit: int = 20) -> Optional[str]:
+    """The newest numbered checkpoint (``checkpointE.pt`` / ``checkpoint_E_U.pt``) of
+    ``directory`` whose ``world_size`` files all exist and agree (of the newest ``limit``)."""
+    for path in numbered_checkpoints(directory)[:limit]:
+        if consistent_save(path, world_size):
+            return path
+    return None
+
+
+def _resume_hint(base: str, world_size: int) -> str:
+    if not os.path.isfile(base):
+        return ""
+    directory = os.path.dirname(base) or "."
+    found = last_consistent_checkpoint(directory, world_size)
+    if found is None:
+        return (f"No numbered checkpoint in {directory} has all {world_size} files of one save; "
+                f"resume from a copy, or start afresh in a new --save-dir.")
+    return (f"The newest checkpoint whose {world_size} files all agree is {found}: resume from it "
+            f"with --restore-file {found}")
+
+
+def _different_saves(name: str, base: str, state: dict, base_state: dict, world_size: int) -> str:
+    return (f"{name} and {base} come from different saves (updates/epoch/iteration "
+            f"{_progress(state)} vs {_progress(base_state)}), as when a worker stopped during a "
+            f"save; the {world_size} files of one checkpoint must be written together. "
+            f"{_resume_hint(base, world_size)}")
