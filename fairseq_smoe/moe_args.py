@@ -16,6 +16,8 @@ Shared by every fairseq model of the plugin, so ``--moe-*`` flags mean the same 
 Models set their own defaults in their ``base_architecture`` with ``getattr(args, ..., default)``.
 """
 
+import math
+
 from .modules import GATING_MODES, HierarchicalMoELayer, MoELayer
 
 
@@ -80,6 +82,14 @@ def build_moe_layer(args, dim: int):
                   w_importance=args.moe_w_importance, w_load=args.moe_w_load,
                   recompute_activations=bool(args.moe_recompute))
     groups = args.moe_groups or 0
+    if groups < 0:
+        raise ValueError(f"--moe-groups must be >= 0 (0 or 1: a flat MoE, G > 1: G groups); "
+                         f"got {groups}")
+    for flag, value in (("--moe-w-importance", args.moe_w_importance),
+                        ("--moe-w-load", args.moe_w_load),
+                        ("--moe-noise-epsilon", args.moe_noise_epsilon)):
+        if value is None or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{flag} must be a finite number >= 0; got {value}")
     k = args.moe_k
     for flag, value in (("--moe-hidden-dim", args.moe_hidden_dim),
                         ("--moe-expert-layers", args.moe_expert_layers), ("--moe-k", k)):

@@ -203,6 +203,9 @@ def test_experts_with_no_tokens_get_zero_gradient():
     ({"gating": "noisy"}, "gating must be one of"),
     ({"noise_epsilon": -1.0}, "noise_epsilon"),
     ({"w_load": -0.1}, "w_load"),
+    ({"w_load": float("inf")}, "w_load must be finite"),
+    ({"w_importance": float("nan")}, "w_importance must be finite"),
+    ({"noise_epsilon": float("inf")}, "noise_epsilon must be finite"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, word):
     args = dict(input_dim=8, output_dim=5, num_experts=6, hidden_dim=7, k=2)
@@ -229,6 +232,15 @@ def test_bad_inputs_are_clear_errors():
         layer(torch.randn(3, 4))
     with pytest.raises(ValueError, match="padding_mask must have shape"):
         layer(torch.randn(3, 4, 8), torch.zeros(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="floating-point inputs; got torch.int64"):
+        layer(torch.randint(0, 9, (3, 8)))
+    with pytest.raises(TypeError, match=r"input dtype torch.float64 differs .* \(torch.float32\)"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    hierarchical = make_hierarchical("top_k")
+    with pytest.raises(TypeError, match="input dtype torch.bfloat16 differs"):
+        hierarchical(torch.randn(3, 8, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the layer
+        assert layer(torch.randn(3, 8))[0].shape == (3, 5)
 
 
 @pytest.mark.parametrize("reuse", [True, False])

@@ -1,6 +1,8 @@
 """The lstm_moe_nmt translation model: shapes, MoE wiring, incremental decoding, beam reordering,
 padding invariance, attention math, presets and argument errors."""
 
+import sys
+
 import pytest
 import torch
 from nmt_helpers import build_model, make_args, make_dictionary, random_batch
@@ -206,3 +208,10 @@ def test_share_all_embeddings_needs_joined_dictionary():
     task = SimpleNamespace(source_dictionary=make_dictionary(10), target_dictionary=make_dictionary(12))
     with pytest.raises(ValueError, match="--joined-dictionary"):
         nmt.LSTMMoETranslationModel.build_model(make_args(share_all_embeddings=True), task)
+
+
+def test_translation_model_refuses_fairseq_eval_lm(monkeypatch):
+    """fairseq-eval-lm builds the checkpoint's model before it fails on a missing LM attribute."""
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fairseq-eval-lm", "data-bin"])
+    with pytest.raises(ValueError, match="translation model .* fairseq-generate DATA --path"):
+        build_model()

@@ -75,6 +75,10 @@ def test_last_partial_batch_is_kept():
     (["--moe-num-experts", "4", "--moe-k", "5"], "--moe-k 5 is larger than --moe-num-experts 4"),
     (["--moe-num-experts", "6", "--moe-groups", "4"],
      "--moe-num-experts 6 is not divisible by --moe-groups 4"),
+    (["--moe-groups", "-2"], "--moe-groups must be >= 0"),
+    (["--moe-w-load", "inf"], "--moe-w-load must be a finite number >= 0; got inf"),
+    (["--moe-w-importance", "nan"], "--moe-w-importance must be a finite number >= 0; got nan"),
+    (["--bf16"], "--bf16 (and --memory-efficient-bf16) in fairseq 0.12 means TPU training"),
 ])
 def test_bad_moe_options_end_fairseq_train_with_one_clear_line(tmp_path, extra, message):
     (tmp_path / "dict.txt").write_text("a 5\nb 4\n")

@@ -14,6 +14,7 @@ expert runs once on its group, and the gate-weighted outputs are added back. Pad
 are never routed, never counted, and come out as 0.
 """
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -41,11 +42,11 @@ def check_layer_args(gating: str, noise_epsilon: float, w_importance: float, w_l
         check_positive_int(name, value)
     if gating not in GATING_MODES:
         raise ValueError(f"gating must be one of {', '.join(GATING_MODES)}; got {gating!r}")
-    if gating == "noisy_top_k" and not noise_epsilon >= 0:
-        raise ValueError(f"noise_epsilon must be >= 0; got {noise_epsilon!r}")
+    if gating == "noisy_top_k" and not 0 <= noise_epsilon < math.inf:
+        raise ValueError(f"noise_epsilon must be finite and >= 0; got {noise_epsilon!r}")
     for name, value in (("w_importance", w_importance), ("w_load", w_load)):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0 (0 disables that loss); got {value!r}")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be finite and >= 0 (0 disables that loss); got {value!r}")
 
 
 def check_k(name: str, k: int, num_experts: int, experts_name: str) -> None:
@@ -81,6 +82,7 @@ class MoELayerBase(nn.Module):
     def _flatten(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         if x.shape[-1] != self.input_dim:
             raise ValueError(f"expected input of size [..., {self.input_dim}], got {list(x.shape)}")
+        self._check_dtype(x)
         x_TD = x.reshape(-1, self.input_dim)
         if padding_mask is None:
             return x_TD, None
@@ -88,6 +90,16 @@ class MoELayerBase(nn.Module):
             raise ValueError(f"padding_mask must have shape {list(x.shape[:-1])} (x without its "
                              f"last dimension); got {list(padding_mask.shape)}")
         return x_TD, ~padding_mask.reshape(-1).to(torch.bool)
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """Inputs in the parameters' dtype (under autocast, any floating dtype: it casts)."""
+        dtype = next(self.parameters()).dtype
+        if not x.is_floating_point():
+            raise TypeError(f"the MoE layer takes floating-point inputs; got {x.dtype} (embed "
+                            f"token ids first, or convert with x.to({dtype}))")
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input dtype {x.dtype} differs from the layer's parameters ({dtype}); "
+                            f"convert the input (x.to({dtype})) or the layer (layer.to({x.dtype}))")
 
     def _experts_and_combine(self, x_TD, row_A, expert_A, gate_A):
         """Group assignments by expert, run each expert once on its rows, add back (eq. 1)."""

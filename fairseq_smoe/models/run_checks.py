@@ -1,0 +1,32 @@
+"""Refusals that every plugin model makes when fairseq builds it, before fairseq fails deeper.
+
+They raise ``ValueError`` naming the fix; ``fairseq_smoe.cli_errors`` turns that into one line.
+"""
+
+import importlib.util
+import os
+import sys
+
+
+def _program() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+
+
+def check_precision_options(args) -> None:
+    """fairseq 0.12 reads ``--bf16`` as TPU training: ``options.parse_args_and_arch`` sets
+    ``--tpu``, and the trainer then asks torch_xla for its device (an AttributeError on a
+    machine without it, CPU or GPU alike)."""
+    if getattr(args, "bf16", False) and importlib.util.find_spec("torch_xla") is None:
+        raise ValueError("--bf16 (and --memory-efficient-bf16) in fairseq 0.12 means TPU training "
+                         "and needs torch_xla, which is not installed; train in fp32 (on CPU), "
+                         "or use --fp16 / --amp on a GPU")
+
+
+def refuse_in_language_model_tools(model_name: str) -> None:
+    """A translation checkpoint given to fairseq-eval-lm (it would fail on a missing LM
+    attribute after loading the data)."""
+    if _program() in ("fairseq-eval-lm", "eval_lm.py"):
+        raise ValueError(f"this checkpoint holds a translation model ({model_name}); "
+                         "fairseq-eval-lm evaluates language models. Score it with "
+                         "fairseq-generate DATA --path CHECKPOINT (BLEU) or fairseq-validate DATA "
+                         "--path CHECKPOINT --task translation (loss)")
