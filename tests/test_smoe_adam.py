@@ -12,7 +12,13 @@ from omegaconf import OmegaConf
 import fairseq_smoe  # noqa: F401  (registers smoe_adam, installs the fp16 hook)
 from fairseq_smoe.distributed.checkpoints import merge_expert_shards, select_expert_shard, shard_path
 from fairseq_smoe.modules import MoELayer
-from fairseq_smoe.optim.smoe_adam import SmoeAdam, SmoeAdamConfig, SmoeAdamW, is_expert_param
+from fairseq_smoe.optim.smoe_adam import (
+    SmoeAdam,
+    SmoeAdamConfig,
+    SmoeAdamW,
+    is_expert_param,
+    state_elements,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, BETAS, EPS, WD = 0.01, (0.8, 0.95), 1e-6, 0.1
@@ -143,6 +149,9 @@ def test_expert_state_is_under_a_tenth_of_adams():
     initial = [p.detach().clone() for p in params]
     expert_numel = sum(p.numel() for p in params if is_expert_param(p))
     assert state_numel("full") == 2 * expert_numel
+    for moments in ("full", "factored"):  # the accounting of scripts/memory_train.py
+        assert state_numel(moments) == sum(state_elements(p, moments) for p in params
+                                           if is_expert_param(p))
     # rows + columns per expert matrix: 8·(64+128) + 8·(128+64); biases: 8·(128+64)
     assert state_numel("factored") == 8 * (64 + 128) * 2 + 8 * (128 + 64)
     assert state_numel("factored") < 0.1 * state_numel("full")

@@ -53,6 +53,16 @@ def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, EXPERT_DIM_ATTR, None) == 0 and p.dim() >= 2
 
 
+def state_elements(p: torch.Tensor, expert_moments: str = "factored") -> int:
+    """Elements of optimizer state ``smoe_adam`` keeps for ``p`` (step counts aside); for memory
+    accounting without building the optimizer (``p`` may be on the meta device)."""
+    if expert_moments == "factored" and is_expert_param(p):
+        if p.dim() >= 3:  # rows + columns of each expert matrix
+            return p.shape[:-2].numel() * (p.shape[-2] + p.shape[-1])
+        return p.numel()  # expert vectors: second moment only
+    return 2 * p.numel()  # Adam: first and second moments
+
+
 @dataclass
 class SmoeAdamConfig(FairseqDataclass):
     adam_betas: Any = field(default=(0.9, 0.999), metadata={"help": "betas for Adam (β1 is 0 "
