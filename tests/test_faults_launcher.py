@@ -56,6 +56,18 @@ def state(pid):
     return None if code in ("Z", "X") else code
 
 
+def kill_if_ours(pid, marker):
+    """SIGKILL a leftover process of a test, if it still runs and its command line shows it
+    is ours (not another process that got the same pid since)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            ours = marker.encode() in f.read()
+    except OSError:
+        return
+    if ours and state(pid) is not None:
+        os.kill(pid, signal.SIGKILL)
+
+
 def wait_until(condition, timeout, what):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -94,14 +106,7 @@ class Run:
             self.proc.communicate(timeout=30)
         for path in self.folder.iterdir():
             if path.suffix == "" and path.name.startswith(("pid", "child")):
-                pid = int(path.read_text())
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        ours = MARK.encode() in f.read()
-                except OSError:
-                    continue
-                if ours and state(pid) is not None:
-                    os.kill(pid, signal.SIGKILL)
+                kill_if_ours(int(path.read_text()), MARK)
 
 
 @pytest.fixture
@@ -227,3 +232,53 @@ def test_impossible_arguments_are_refused(flags, message):
     assert result.returncode == 2
     assert f"launch_cpu.py: error: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def children(pid):
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_real_fairseq_workers_die_with_a_killed_launcher(tmp_path):
+    """fairseq-train on two workers (fairseq's synthetic dummy_lm task, no data files), saving
+    every 5 updates: SIGKILL of the launcher after the first save ends both workers."""
+    train = os.path.join(ROOT, ".venv", "bin", "fairseq-train")
+    save_dir, log_path = tmp_path / "checkpoints", tmp_path / "run.log"
+    cmd = [sys.executable, LAUNCHER, "-n", "2", "--", train, "--task", "dummy_lm", "--dict-size", "100",
+           "--dataset-size", "100000", "--user-dir", os.path.join(ROOT, "fairseq_smoe"),
+           "--arch", "lstm_moe_lm", "--criterion", "smoe_cross_entropy", "--decoder-embed-dim", "16",
+           "--decoder-hidden-size", "16", "--moe-num-experts", "4", "--moe-k", "2",
+           "--moe-hidden-dim", "16", "--tokens-per-sample", "16", "--max-tokens", "128",
+           "--optimizer", "adam", "--lr", "1e-3", "--log-format", "simple", "--no-progress-bar",
+           "--num-workers", "0", "--disable-validation", "--save-dir", str(save_dir),
+           "--save-interval-updates", "5", "--max-update", "100000"]
+    workers = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Saved checkpoint" in log_path.read_text() or proc.poll() is not None,
+                   180, "the workers save a checkpoint")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        assert os.path.exists(save_dir / "checkpoint_1_5-expert-shard1.pt")
+        proc.kill()
+        proc.wait(timeout=30)
+        assert_gone(workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for pid in workers:
+            kill_if_ours(pid, "fairseq-train")
