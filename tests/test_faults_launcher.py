@@ -3,6 +3,7 @@ bad arguments. The workers are small Python programs (no fairseq), so every test
 bounded: each process is waited for with a timeout and killed in a finally block."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,12 +36,12 @@ if action == 'kill9':
 if action == 'child-then-fail':
     sys.exit(5)
 if action == 'chatty':
-    for _ in range(20):
+    for _ in range(30):
         print('step', flush=True)
         time.sleep(0.2)
     sys.exit(0)
 if action == 'quiet':
-    time.sleep(4)
+    time.sleep(6)
     sys.exit(0)
 time.sleep(60)
 """
@@ -174,22 +175,21 @@ def test_a_stopped_worker_stops_the_run(run):
 def test_no_output_for_stall_timeout_stops_the_run(run):
     r = run("--stall-timeout", "1")
     pids = r.pids()
-    status, out, err = r.finish()
+    status, _, err = r.finish()
     assert status == 124, err
-    assert "worker 0 ready" in out and "[worker 1] worker 1 ready" in out
-    assert "no output from any worker for 1 s (--stall-timeout 1)" in err
+    assert re.search(r"no output from any worker for \d+ s \(--stall-timeout 1\): a worker hangs", err)
     assert_gone(pids)
 
 
 def test_output_in_a_log_file_counts_as_activity(run, tmp_path):
-    """Worker 0 prints one line and exits after 4 s; worker 1 writes a line to --log-dir every
-    0.2 s meanwhile. Without counting the log file, 4 s of silence > --stall-timeout 3."""
+    """Worker 0 prints one line and exits after 6 s; worker 1 writes a line to --log-dir every
+    0.2 s meanwhile. Without counting the log file, 6 s of silence > --stall-timeout 4."""
     logs = tmp_path / "logs"
-    r = run("--stall-timeout", "3", "--log-dir", str(logs), faults={0: "quiet", 1: "chatty"})
+    r = run("--stall-timeout", "4", "--log-dir", str(logs), faults={0: "quiet", 1: "chatty"})
     status, out, err = r.finish()
     assert status == 0, err
     assert "no output" not in err
-    assert out.count("ready") == 1 and (logs / "worker1.log").read_text().count("step") == 20
+    assert out.count("ready") == 1 and (logs / "worker1.log").read_text().count("step") == 30
 
 
 def test_a_worker_killed_by_a_signal_stops_the_others(run):
