@@ -100,3 +100,28 @@ def test_diverged_training_ends_with_one_line_after_fairseqs_report(corpus, tmp_
     last = output.strip().splitlines()[-1]
     assert last.startswith("fairseq-smoe: error: training diverged: gradients are Nan/Inf")
     assert "--lr" in last and "--clip-norm" in last
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(corpus, tmp_path_factory):  # noqa: F811
+    save_dir = tmp_path_factory.mktemp("ep_eval")
+    trained = fairseq_train(corpus, save_dir, "--max-update", "2", "--no-epoch-checkpoints",
+                            "--disable-validation", workers=2)
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
+    assert (save_dir / "checkpoint_last-expert-shard1.pt").exists()
+    return save_dir / "checkpoint_last.pt"
+
+
+@pytest.mark.parametrize("tool", ["fairseq-eval-lm", "fairseq-validate"])
+def test_distributed_evaluation_is_refused_at_start(corpus, sharded_checkpoint, tool):  # noqa: F811
+    """Under W workers fairseq-eval-lm would report worker 0's share of the test set (and
+    sharded experts could hang on uneven batches): every worker refuses before any exchange."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "launch_cpu.py"), "--workers", "2", "--",
+         os.path.join(BIN, tool), corpus, "--user-dir", "fairseq_smoe", "--task", "language_modeling",
+         "--path", str(sharded_checkpoint), "--max-tokens", "256", "--num-workers", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert f"{tool} of fairseq-smoe models runs in one process (this run has 2 workers)" in output
+    assert "Traceback" not in output and "Evaluated" not in output and "valid on" not in output

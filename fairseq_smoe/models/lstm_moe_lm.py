@@ -41,7 +41,7 @@ from ..distributed import setup_expert_parallel
 from ..modules.projected_lstm import ProjectedLSTM
 from ..modules.residual_moe import ResidualMoE
 from ..moe_args import add_moe_args, build_moe_layer, set_moe_defaults
-from .run_checks import check_precision_options
+from .run_checks import check_precision_options, refuse_distributed_evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class LSTMMoELanguageModel(FairseqLanguageModel):
         max_target_positions = getattr(args, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS
         try:
             check_precision_options(args)
+            refuse_distributed_evaluation()
             decoder = LSTMMoEDecoder.from_args(args, task.target_dictionary, max_target_positions)
         except ValueError as error:  # bad option combinations: say which flag to change
             raise ValueError(f"lstm_moe_lm: {error}") from None

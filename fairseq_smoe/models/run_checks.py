@@ -30,3 +30,22 @@ def refuse_in_language_model_tools(model_name: str) -> None:
                          "fairseq-eval-lm evaluates language models. Score it with "
                          "fairseq-generate DATA --path CHECKPOINT (BLEU) or fairseq-validate DATA "
                          "--path CHECKPOINT --task translation (loss)")
+
+
+EVALUATION_TOOLS = ("fairseq-eval-lm", "fairseq-generate", "fairseq-validate", "fairseq-interactive")
+
+
+def refuse_distributed_evaluation() -> None:
+    """fairseq-eval-lm under W workers reports worker 0's share of the data only, and with
+    sharded experts every worker would have to run the same number of batches (the all-to-all
+    is collective) or hang. Every worker raises this at model build, before any exchange."""
+    import torch.distributed as dist
+
+    program = _program()
+    if program in EVALUATION_TOOLS and dist.is_available() and dist.is_initialized() \
+            and dist.get_world_size() > 1:
+        raise ValueError(f"{program} of fairseq-smoe models runs in one process (this run has "
+                         f"{dist.get_world_size()} workers): it reads and merges the expert shards "
+                         "of a checkpoint saved by any number of workers. Pass the worker-0 file "
+                         "as --path and run it without scripts/launch_cpu.py, torchrun or "
+                         "--distributed-world-size")
