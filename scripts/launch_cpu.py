@@ -223,7 +223,7 @@ def pause_with_workers(procs, activity):
 
 def start_workers(command, world_size, port, env, log_dir):
     """All workers are started before any output thread, so no other thread runs while we fork
-    (preexec_fn is only safe then). Returns (procs, streams, log files)."""
+    (preexec_fn is only safe then). Returns (procs, the open --log-dir files)."""
     preexec = die_with_launcher(os.getpid(), _libc_prctl())
     procs, logs = [], []
     try:
