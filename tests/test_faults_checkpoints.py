@@ -2,8 +2,8 @@
 
 * A process SIGKILLed while it writes or copies a checkpoint leaves the previous file intact
   (fairseq's own copy, as a control, leaves it truncated).
-* A flipped byte in the model tensors is caught by the checksum saved with the file; a
-  truncated file is one clear error naming it; files without a checksum still load.
+* A flipped byte in the tensors (model or optimizer state) is caught by the checksum saved with
+  the file; a truncated file is one clear error naming it; files without a checksum still load.
 * Through the CLIs (tiny LM): fairseq-eval-lm on a damaged file and a fairseq-train resume from
   a truncated checkpoint_last.pt end with one line naming the file, and a typo'd --restore-file
   stops before anything is written.
@@ -46,7 +46,9 @@ def fairseq_state(seed=0):
                          ("decoder.half", torch.randn(3, 4, generator=g).to(torch.bfloat16)),
                          ("decoder.scalar", torch.tensor(3.0)),
                          ("decoder.empty", torch.zeros(0))])
-    return {"args": None, "cfg": None, "model": model,
+    optimizer = {"state": {0: {"step": 3, "exp_avg": torch.randn(7, 5, generator=g)}},
+                 "param_groups": [{"params": [0]}]}
+    return {"args": None, "cfg": None, "model": model, "last_optimizer_state": optimizer,
             "optimizer_history": [{"num_updates": 3, "optimizer_name": "FairseqAdam",
                                    "criterion_name": "X", "lr_scheduler_state": {}}],
             "extra_state": {"train_iterator": {"epoch": 1, "iterations_in_epoch": 3}}}
@@ -58,7 +60,7 @@ def load(path):
     return checkpoint_utils.load_checkpoint_to_cpu(str(path))
 
 
-def flip_a_model_byte(path, tensor):
+def flip_a_byte(path, tensor):
     """Flip one bit in the middle of ``tensor``'s bytes inside checkpoint file ``path``."""
     data = bytearray(open(path, "rb").read())
     raw = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
@@ -165,22 +167,32 @@ def test_checksum_catches_a_flipped_byte(tmp_path, monkeypatch):
     checkpoint_utils.torch_persistent_save(state, str(path))
     raw = torch.load(path, weights_only=False)
     record = raw[CHECKSUM_KEY]
-    assert record["algorithm"] == "crc32" and set(record["tensors"]) == set(state["model"])
+    assert record["algorithm"] == "crc32"
+    assert set(record["tensors"]) == {f"model.{k}" for k in state["model"]} | {
+        "last_optimizer_state.state.0.exp_avg"}
     expected = zlib.crc32(state["model"]["decoder.embed.weight"].numpy().tobytes())
-    assert record["tensors"]["decoder.embed.weight"] == expected
+    assert record["tensors"]["model.decoder.embed.weight"] == expected
 
     intact = load(path)
     assert CHECKSUM_KEY not in intact  # verified, then dropped: never carried into other files
     torch.save(intact, tmp_path / "checkpoint_1_6.pt")  # newer numbered file, for the hint
 
-    flip_a_model_byte(path, state["model"]["decoder.moe.experts.weights.0"])
+    flip_a_byte(path, state["model"]["decoder.moe.experts.weights.0"])
     with pytest.raises(ValueError) as error:
         load(path)
     message = str(error.value)
-    assert "checkpoint_1_3.pt is damaged: 1 of 5 model tensors differ" in message
-    assert "decoder.moe.experts.weights.0" in message
+    assert "checkpoint_1_3.pt is damaged: 1 of its 6 tensors differ from the checksum" in message
+    assert "(model.decoder.moe.experts.weights.0)" in message
     assert f"--restore-file {tmp_path / 'checkpoint_1_6.pt'}" in message
     assert "\n" not in message
+
+    # The optimizer's moments are covered too (a resume would silently train differently).
+    other = tmp_path / "checkpoint_1_4.pt"
+    checkpoint_utils.torch_persistent_save(fairseq_state(), str(other))
+    flip_a_byte(other, state["last_optimizer_state"]["state"][0]["exp_avg"])
+    with pytest.raises(ValueError, match=r"1 of its 6 tensors .*\(last_optimizer_state\.state\.0\."
+                                         r"exp_avg\)"):
+        load(other)
 
     monkeypatch.setenv("SMOE_CHECKPOINT_CHECKSUM", "0")  # the documented way to load it unchecked
     unchecked = load(path)["model"]["decoder.moe.experts.weights.0"]
@@ -194,7 +206,7 @@ def test_file_without_checksum_loads_as_before(tmp_path, caplog):
         got = load(path)
     torch.testing.assert_close(got["model"]["decoder.half"], fairseq_state()["model"]["decoder.half"],
                                rtol=0, atol=0)
-    assert any("no model checksum" in r.getMessage() and "old.pt" in r.getMessage()
+    assert any("no checksum" in r.getMessage() and "old.pt" in r.getMessage()
                for r in caplog.records)
 
 
@@ -330,25 +342,28 @@ def test_saved_files_carry_a_checksum(trained):
                      "checkpoint_last.pt"]  # no temp file left behind
     for name in names:
         raw = torch.load(save_dir / name, weights_only=False)
-        assert set(raw[CHECKSUM_KEY]["tensors"]) == set(raw["model"])
+        covered = set(raw[CHECKSUM_KEY]["tensors"])
+        assert {f"model.{k}" for k in raw["model"]} <= covered
+        assert any(n.startswith("last_optimizer_state.state.") for n in covered)
 
 
 @pytest_slow
 def test_eval_lm_on_a_flipped_byte_says_which_file(trained, tmp_path):
     data, run_dir = copy_run(trained, tmp_path)
     path = run_dir / "checkpoint_last.pt"
-    model = torch.load(path, weights_only=False)["model"]
+    raw = torch.load(path, weights_only=False)
+    model, count = raw["model"], len(raw[CHECKSUM_KEY]["tensors"])
     storages = [t.untyped_storage().data_ptr() for t in model.values()]
     key = max((k for k in model if storages.count(model[k].untyped_storage().data_ptr()) == 1),
               key=lambda k: model[k].numel())  # the largest tensor that shares no storage
-    flip_a_model_byte(path, model[key])
+    flip_a_byte(path, model[key])
     status, output = run("fairseq-eval-lm", data, "--user-dir", "fairseq_smoe", "--path", path,
                          "--gen-subset", "test", "--tokens-per-sample", 32, "--max-tokens", 1024,
                          "--cpu")
     assert status == 2, output[-3000:]
     assert error_lines(output) == [
-        f"fairseq-smoe: error: {path} is damaged: 1 of {len(model)} model tensors differ from the "
-        f"checksum saved with them ({key}). Restore it from a copy or use another checkpoint, e.g. "
+        f"fairseq-smoe: error: {path} is damaged: 1 of its {count} tensors differ from the "
+        f"checksum saved with them (model.{key}). Restore it from a copy or use another checkpoint, e.g. "
         f"{run_dir / 'checkpoint_1_6.pt'} (fairseq-train --restore-file "
         f"{run_dir / 'checkpoint_1_6.pt'}, or --path {run_dir / 'checkpoint_1_6.pt'})."]
     assert "Traceback" not in output and "Perplexity" not in output
