@@ -171,6 +171,24 @@ def test_resume_with_same_workers_continues_exactly(two_worker_run, corpus, tmp_
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6)
 
 
+def test_resume_on_one_worker_continues_after_the_batches_both_workers_trained(two_worker_run,
+                                                                                corpus, tmp_path):
+    """After 3 updates of 2 workers the epoch's first 6 batches are trained (dealt round-robin
+    to the shards); one worker resuming there trains the rest of the epoch once, not again
+    from batch 4 of the 1-worker order."""
+    save_dir, _ = two_worker_run
+    for suffix in ("", "-expert-shard1"):
+        shutil.copy(save_dir / f"checkpoint_1_3{suffix}.pt", tmp_path / f"checkpoint_last{suffix}.pt")
+    resumed = train(corpus, tmp_path, "--optimizer", "adam", "--lr", "0.003", "--max-epoch", "1",
+                    "--disable-validation", "--no-epoch-checkpoints", workers=1)
+    assert "epoch 1 continues after its first 6 batches (iteration 6" in resumed
+    batches = int(re.search(r"epoch 001: +\d+ / (\d+) ", resumed).group(1))
+    first = int(re.search(r"epoch 001: +(\d+) / ", resumed).group(1))
+    assert first == 7  # the first batch trained after the resume
+    done = re.findall(r"train \| epoch 001 \| .*num_updates (\d+)", resumed)
+    assert done == [str(3 + batches - 6)], resumed[-2000:]
+
+
 def test_two_worker_update_equals_one_worker_update_on_union_batch(corpus, tmp_path):
     """SGD makes the update proportional to the gradient, so equal weights after one update
     mean equal gradients: DDP averaging + fairseq's ×W/sample_size for replicated parameters,

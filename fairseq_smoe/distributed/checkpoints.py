@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..checkpoint_safety import CHECKSUM_KEY, numbered_checkpoints
+from .data_position import continue_data_position, current_world_size, saved_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,10 @@ def load_for_this_process(path: str, load_one: Callable[[str], dict],
     state = load_one(base)
     meta = state.get(SHARD_META_KEY)
     if meta is None:
-        return state if plan is None else select_expert_shard(state, plan)
+        if plan is None:
+            return state
+        return continue_data_position(select_expert_shard(state, plan), saved_world_size(state),
+                                      plan["world_size"])
 
     saved_world = meta["world_size"]
     if plan is not None and plan["world_size"] == saved_world:
@@ -231,10 +235,10 @@ def load_for_this_process(path: str, load_one: Callable[[str], dict],
                 f"{saved_world - 1} x *-expert-shard*.pt")
     full = merge_expert_shards([state] + [load_one(p) for p in paths[1:]], paths)
     if plan is None:
-        return full
+        return continue_data_position(full, saved_world, current_world_size())
     logger.info(f"resharding experts from {saved_world} to {plan['world_size']} workers "
                 f"(this is worker {plan['rank']})")
-    return select_expert_shard(full, plan)
+    return continue_data_position(select_expert_shard(full, plan), saved_world, plan["world_size"])
 
 
 def _require_file(path: str, base: str, world_size: int) -> None:
