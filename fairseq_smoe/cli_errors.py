@@ -12,6 +12,8 @@ and exits with status 2 (argparse's status for bad arguments). Two more cases ge
 * fairseq's ``FloatingPointError`` (gradients NaN/Inf, minimum fp16 loss scale reached): the
   log above it holds fairseq's own report (NanDetector names the first module with NaN/Inf);
   the line says what to change. Exit status 1.
+* fairseq's batching assertion that a sample is longer than ``--max-tokens`` (raised from its
+  compiled ``data_utils_fast``): the line names the two options to change. Exit status 2.
 * a worker of fairseq's own multi-process launcher (``torch.multiprocessing.spawn``) failed
   with one of our errors: the parent receives it as the child's formatted traceback; the line
   gives the child's message.
@@ -38,6 +40,9 @@ _DIVERGED_HINT = ("training diverged: {exc}. The log above names the first modul
                   "NaN/Inf (fairseq's NanDetector). Lower --lr, add --clip-norm (e.g. 0.1) or a "
                   "warm-up (--warmup-updates), keep --moe-w-importance/--moe-w-load small (0.01-0.1), "
                   "and resume from the last good checkpoint (--restore-file checkpoint_N_M.pt).")
+_TOO_LONG_HINT = ("{exc} (fairseq's batching): a sample is longer than --max-tokens. Raise "
+                  "--max-tokens, or lower --tokens-per-sample (fairseq-eval-lm's default is 1024) "
+                  "or --max-positions")
 # The last frame and the final line of a traceback formatted in a child process.
 _FRAME_RE = re.compile(r'^\s*File "([^"]+)", line \d+', re.MULTILINE)
 _LAST_LINE_RE = re.compile(r"^(ValueError|FileNotFoundError): (.*)\s*\Z", re.MULTILINE | re.DOTALL)
@@ -76,6 +81,8 @@ def one_line(exc_type, exc, tb):
         return f"fairseq-smoe: error: {exc}\n{_TRACEBACK_HINT}", USAGE_STATUS
     if issubclass(exc_type, FloatingPointError) and _raised_by_fairseq(tb):
         return f"fairseq-smoe: error: {_DIVERGED_HINT.format(exc=str(exc).strip().rstrip('.'))}", 1
+    if issubclass(exc_type, AssertionError) and "should not exceed max_tokens" in str(exc):
+        return f"fairseq-smoe: error: {_TOO_LONG_HINT.format(exc=str(exc).strip())}", USAGE_STATUS
     if exc_type.__name__ == "ProcessRaisedException":  # torch.multiprocessing.spawn
         message = child_error_message(str(exc))
         rank = getattr(exc, "error_index", None)

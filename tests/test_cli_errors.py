@@ -72,6 +72,14 @@ def test_error_of_a_spawned_worker_is_reported_by_its_message():
     assert status == 2 and message.startswith("fairseq-smoe: error (worker 1): --moe-k 5 is larger")
 
 
+def test_sample_longer_than_max_tokens_names_the_options():
+    error = AssertionError("Sentences lengths should not exceed max_tokens=256")
+    message, status = cli_errors.one_line(AssertionError, error, None)
+    assert status == 2 and "max_tokens=256" in message
+    assert "--max-tokens" in message and "--tokens-per-sample" in message
+    assert cli_errors.one_line(AssertionError, AssertionError("other"), None) is None
+
+
 @pytest.mark.parametrize("layer", [
     MoELayer(8, 8, num_experts=4, hidden_dim=16, k=2),
     HierarchicalMoELayer(8, 8, num_groups=2, experts_per_group=2, hidden_dim=16, k_primary=1,
