@@ -13,7 +13,9 @@ Accounting (bytes, fp32): parameters 4·P, gradients 4·P, Adam 8·P (two moment
 8·P_shared + 4·(expert rows + columns + expert biases) (``smoe_adam.state_elements``). With
 expert parallelism on W workers each worker holds the shared parameters and 1/W of the experts
 (and of their state). Activations, the data and the framework come on top: the measured peak
-RSS shows them for CPU training here.
+RSS shows them for CPU training here. fairseq's Adam step also allocates a temporary the size of
+each parameter in turn (√v + ε), so its peak holds one more copy of the largest tensor;
+smoe_adam updates expert tensors in blocks of at most 2^24 elements.
 
 The vocabulary: ``--vocab`` entries (default 793,471: the paper's 1B Word vocabulary; the
 presets' adaptive softmax) for the accounting tables; a measured run uses its data's dictionary
@@ -72,7 +74,9 @@ def build_on_meta(arch: str, vocab: int, cutoff=None):
     from fairseq.data import Dictionary
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    import fairseq_smoe  # noqa: F401
+    from fairseq_smoe.compat import install_all
+
+    install_all()  # registers the plugin with fairseq, installs its patches
 
     argv = ["unused", "--task", "language_modeling", "--arch", arch, "--user-dir",
             os.path.join(ROOT, "fairseq_smoe")]
@@ -102,7 +106,8 @@ def account(arch: str, vocab: int, cutoff=None) -> dict:
     return {"arch": arch, "vocab": vocab, "shared_params": n_shared, "expert_params": n_expert,
             "adam_shared_state": sum(state_elements(p, "full") for p in shared),
             "adam_expert_state": sum(state_elements(p, "full") for p in experts),
-            "smoe_expert_state": sum(state_elements(p, "factored") for p in experts)}
+            "smoe_expert_state": sum(state_elements(p, "factored") for p in experts),
+            "largest_param": max(p.numel() for p in params)}
 
 
 def per_worker(row: dict, workers: int) -> dict:
@@ -237,9 +242,12 @@ def main(argv=None):
                       f"fairseq/torch: {(run['peak_rss'] - state) / GIB:.2f} GiB); losses "
                       f"{run['losses']}; {run['wall_s']:.0f} s", flush=True)
                 if optimizer == "smoe_adam" and "adam" not in optimizers:
-                    extra = b["adam"] - b["smoe_adam"]
-                    print(f"  Adam would hold {extra / GIB:.2f} GiB more optimizer state: peak "
-                          f"about {(run['peak_rss'] + extra) / GIB:.2f} GiB")
+                    # fairseq's Adam step also makes a temporary (its √v + ε) of each tensor's
+                    # size in turn: the largest one adds to the peak (smoe_adam works in blocks)
+                    extra, temp = b["adam"] - b["smoe_adam"], 4 * row["largest_param"]
+                    print(f"  Adam would hold {extra / GIB:.2f} GiB more optimizer state, and its "
+                          f"step a temporary of the largest tensor ({temp / GIB:.2f} GiB): peak "
+                          f"about {(run['peak_rss'] + extra + temp) / GIB:.2f} GiB")
         result["measured"] = measured
     if args.json:
         with open(args.json, "w") as f:
