@@ -49,7 +49,9 @@ def load(args):
     from fairseq import checkpoint_utils
     from fairseq.data import data_utils
 
-    import fairseq_smoe  # noqa: F401  (registers the model)
+    from fairseq_smoe.compat import install_all
+
+    install_all()  # registers the plugin with fairseq, installs its patches
 
     if not os.path.isfile(args.path):
         fail(f"no checkpoint at {args.path}; train one first (bash scripts/demo.sh)")

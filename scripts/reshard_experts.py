@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fairseq_smoe.checkpoint_safety import add_checksum, verify_and_strip  # noqa: E402
+from fairseq_smoe.compat.checkpoint_safety import add_checksum, verify_and_strip  # noqa: E402
 from fairseq_smoe.distributed.checkpoints import (  # noqa: E402
     SHARD_META_KEY,
     base_path,

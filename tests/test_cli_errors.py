@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_distributed_fairseq import BIN, MODEL, ROOT, corpus  # noqa: F401  (module fixture)
 
-from fairseq_smoe import cli_errors
+from fairseq_smoe.compat import cli_errors
 from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer
 
 pytestmark = pytest.mark.slow

@@ -104,7 +104,9 @@ def merged_model(path):
     """The model weights of a checkpoint as this process's loader sees it (shards merged)."""
     from fairseq import checkpoint_utils
 
-    import fairseq_smoe  # noqa: F401  (installs the loader hook)
+    from fairseq_smoe.compat import install_all
+
+    install_all()  # registers the plugin with fairseq, installs its patches
 
     return checkpoint_utils.load_checkpoint_to_cpu(path)["model"]
 

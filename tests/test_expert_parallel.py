@@ -198,10 +198,12 @@ def fairseq_like_step(model, x, target):
 
 
 def _ddp_case(rank, backend):
-    import fairseq_smoe  # noqa: F401  (installs the fairseq hooks)
+    from fairseq_smoe.compat import install_all
+
+    install_all()  # registers the plugin with fairseq, installs its patches
+    from fairseq_smoe.compat.trainer_hooks import clip_grad_norm_with_sharded_experts, current_plan
     from fairseq_smoe.distributed import setup_expert_parallel
     from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY
-    from fairseq_smoe.distributed.fairseq_hooks import clip_grad_norm_with_sharded_experts, current_plan
 
     model = TinyModel()
     model.train()

@@ -7,7 +7,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from fairseq_smoe.checkpoint_safety import CHECKSUM_KEY, add_checksum, verify_and_strip
+from fairseq_smoe.compat.checkpoint_safety import CHECKSUM_KEY, add_checksum, verify_and_strip
 from fairseq_smoe.distributed.checkpoints import (
     SHARD_META_KEY,
     base_path,

@@ -25,15 +25,16 @@ from conftest import ROOT
 from test_expert_parallel_checkpoints import full_state, plan
 from test_lm_e2e import BIN, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
 
-import fairseq_smoe  # noqa: F401  (installs the hooks in this process)
-from fairseq_smoe import checkpoint_safety
-from fairseq_smoe.checkpoint_safety import CHECKSUM_KEY
+from fairseq_smoe.compat import checkpoint_safety, install_all
+from fairseq_smoe.compat.checkpoint_safety import CHECKSUM_KEY
 from fairseq_smoe.distributed.checkpoints import (
     last_consistent_checkpoint,
     load_for_this_process,
     select_expert_shard,
     shard_path,
 )
+
+install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 ARCH = "lstm_moe_lm_tiny"
 
@@ -202,7 +203,7 @@ def test_checksum_catches_a_flipped_byte(tmp_path, monkeypatch):
 def test_file_without_checksum_loads_as_before(tmp_path, caplog):
     path = tmp_path / "old.pt"
     torch.save(fairseq_state(), path)  # as fairseq without the plugin (or another tool) wrote it
-    with caplog.at_level("INFO", logger="fairseq_smoe.checkpoint_safety"):
+    with caplog.at_level("INFO", logger="fairseq_smoe.compat.checkpoint_safety"):
         got = load(path)
     torch.testing.assert_close(got["model"]["decoder.half"], fairseq_state()["model"]["decoder.half"],
                                rtol=0, atol=0)

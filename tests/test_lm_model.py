@@ -7,10 +7,12 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY
 
-import fairseq_smoe  # noqa: F401  (registers the model)
+from fairseq_smoe.compat import install_all
 from fairseq_smoe.models.lm_costs import lm_costs
 from fairseq_smoe.models.lstm_moe_lm import LSTMMoEDecoder, adaptive_softmax_cutoffs
 from fairseq_smoe.modules import ProjectedLSTM
+
+install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 
 def make_dictionary(num_words=50):

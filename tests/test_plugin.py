@@ -34,7 +34,9 @@ def test_trusted_checkpoint_loading_is_limited_to_fairseq_checkpoint_utils(tmp_p
     from fairseq import checkpoint_utils
     from omegaconf import OmegaConf
 
-    import fairseq_smoe  # noqa: F401  (installs the loader)
+    from fairseq_smoe.compat import install_all
+
+    install_all()  # registers the plugin with fairseq, installs its patches
 
     path = str(tmp_path / "checkpoint.pt")
     state = {
@@ -60,7 +62,9 @@ def test_last_partial_batch_is_kept():
     import numpy as np
     from fairseq.data import data_utils
 
-    import fairseq_smoe  # noqa: F401  (installs the fix)
+    from fairseq_smoe.compat import install_all
+
+    install_all()  # registers the plugin with fairseq, installs its patches
 
     indices = np.arange(100)
     sizes = np.full(100, 10)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import fairseq_smoe  # noqa: F401  (registers smoe_adam, installs the fp16 hook)
+from fairseq_smoe.compat import install_all
 from fairseq_smoe.distributed.checkpoints import merge_expert_shards, select_expert_shard, shard_path
 from fairseq_smoe.modules import MoELayer
 from fairseq_smoe.optim.smoe_adam import (
@@ -19,6 +19,8 @@ from fairseq_smoe.optim.smoe_adam import (
     is_expert_param,
     state_elements,
 )
+
+install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, BETAS, EPS, WD = 0.01, (0.8, 0.95), 1e-6, 0.1

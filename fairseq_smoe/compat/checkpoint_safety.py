@@ -259,7 +259,7 @@ def numbered_checkpoints(directory: str) -> List[str]:
 
 def _use_another(path: str) -> str:
     """The fix for an unusable checkpoint file: another checkpoint of the same directory."""
-    from .distributed.checkpoints import base_path
+    from ..distributed.checkpoints import base_path
 
     directory = os.path.dirname(path)
     unusable = os.path.abspath(base_path(path))
@@ -317,7 +317,7 @@ def _checkpoints_listing(directory: str) -> str:
 def check_restore_file(cfg, suffix: Optional[str], exists: Callable[[str], bool]) -> None:
     """Stop before anything is loaded or written when an explicit ``--restore-file`` (or
     ``--finetune-from-model``) names no file. ``suffix``: the trainer's checkpoint suffix."""
-    from .distributed.checkpoints import base_path
+    from ..distributed.checkpoints import base_path
 
     restore, save_dir = cfg.restore_file, cfg.save_dir
     default_last = os.path.join(save_dir, f"checkpoint_last{suffix or ''}.pt")
@@ -348,7 +348,7 @@ def check_restore_file(cfg, suffix: Optional[str], exists: Callable[[str], bool]
 
 
 def _check_model_paths(filenames, suffix: str, exists: Callable[[str], bool]) -> None:
-    from .distributed.checkpoints import base_path
+    from ..distributed.checkpoints import base_path
 
     for filename in filenames:
         read = filename.replace(".pt", suffix + ".pt") if suffix else filename

@@ -32,7 +32,7 @@ import re
 import sys
 import traceback
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fairseq_smoe/
 _USER_ERRORS = (ValueError, FileNotFoundError)
 USAGE_STATUS = 2  # argparse's status for bad arguments
 _TRACEBACK_HINT = "(set SMOE_TRACEBACK=1 to see where it was raised)"

@@ -1,4 +1,5 @@
-"""What fairseq's trainer must do differently when experts are sharded (installed on import).
+"""fairseq ``Trainer`` patches: sharded experts (``SMOE_PATCH_EXPERT_PARALLEL``) and the
+plain-criterion warning (``SMOE_PATCH_CRITERION_CHECK``). Installed by ``compat.install_all``.
 
 fairseq assumes every worker holds the same parameters. With expert parallelism it does not,
 so, only for models whose experts ``setup_expert_parallel`` sharded (otherwise nothing changes):
@@ -19,7 +20,13 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .checkpoints import SHARD_META_KEY, base_path, expert_plan, load_for_this_process, shard_suffix
+from ..distributed.checkpoints import (
+    SHARD_META_KEY,
+    base_path,
+    expert_plan,
+    load_for_this_process,
+    shard_suffix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ def clip_grad_norm_with_sharded_experts(params, max_norm, aggregate_norm_fn=None
 
 
 def install() -> None:
-    """Idempotent; called when the plugin is imported."""
+    """The expert-parallel hooks. Idempotent; called by ``compat.install_all``."""
     from fairseq import checkpoint_utils, utils
     from fairseq.trainer import Trainer
 
@@ -144,3 +151,44 @@ def install() -> None:
         return clip_grad_norm_with_sharded_experts(params, max_norm, aggregate_norm_fn)
 
     utils.clip_grad_norm_ = clip_grad_norm_
+
+
+# ---------------------------------------------------------------------------------------------
+# An MoE model trained by a criterion that ignores the balance losses
+
+_warned_criteria = set()
+
+
+def balance_ignored_warning(model, criterion):
+    """The warning for ``model`` trained with ``criterion``, or None when nothing is wrong."""
+    from ..modules.moe_layer import MoELayerBase
+
+    if getattr(criterion, "consumes_moe_balance", False):
+        return None
+    if not any(isinstance(m, MoELayerBase) for m in model.modules()):
+        return None
+    name = getattr(criterion, "__class__", type(criterion)).__name__
+    return (f"the model has Mixture-of-Experts layers but the criterion ({name}) ignores their "
+            f"balance losses (--moe-w-importance, --moe-w-load): the gates are free to collapse "
+            f"onto a few experts. Use --criterion smoe_cross_entropy (or "
+            f"smoe_label_smoothed_cross_entropy for translation; criterion._name: "
+            f"smoe_cross_entropy in a hydra config)")
+
+
+def install_criterion_check() -> None:
+    """Wrap ``Trainer.__init__``: warn once per criterion type. Idempotent."""
+    from fairseq.trainer import Trainer
+
+    if getattr(Trainer, "_smoe_criterion_check", False):
+        return
+    Trainer._smoe_criterion_check = True
+    init = Trainer.__init__
+
+    def trainer_init(self, cfg, task, model, criterion, *args, **kwargs):
+        init(self, cfg, task, model, criterion, *args, **kwargs)
+        message = balance_ignored_warning(model, criterion)
+        if message is not None and type(criterion) not in _warned_criteria:
+            _warned_criteria.add(type(criterion))
+            logger.warning(message)
+
+    Trainer.__init__ = trainer_init

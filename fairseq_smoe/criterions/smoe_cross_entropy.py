@@ -62,6 +62,7 @@ def moe_stats_of(net_output):
 
 @register_criterion("smoe_cross_entropy", dataclass=SMoECrossEntropyConfig)
 class SMoECrossEntropyCriterion(FairseqCriterion):
+    consumes_moe_balance = True  # compat.trainer_hooks warns for criteria without it
     def __init__(self, task, sentence_avg, label_smoothing=0.0):
         super().__init__(task)
         if not 0.0 <= label_smoothing < 1.0:

@@ -5,7 +5,10 @@ All torch.distributed code of the plugin lives in this package:
     all_to_all.py       differentiable variable-size all-to-all; differentiable sum over workers
     expert_parallel.py  ExpertParallelExperts: a worker's share of a layer's experts
     checkpoints.py      per-worker checkpoint files; merge / reshard on load
-    fairseq_hooks.py    fairseq trainer: every worker saves; clip norm counts each expert once
+    data_position.py    where in the epoch a resume on another worker count continues
+
+What fairseq's trainer does differently for sharded experts (every worker saves; the clip norm
+counts each expert once) is a patch of fairseq: ``fairseq_smoe/compat/trainer_hooks.py``.
 
 Models call ``setup_expert_parallel(model, args)`` at the end of ``build_model``.
 """
@@ -19,16 +22,9 @@ from .all_to_all import SumOverWorkers, all_to_all
 from .expert_parallel import ExpertParallelExperts, check_shardable, expert_range, shard_layer
 
 __all__ = ["ExpertParallelExperts", "SumOverWorkers", "all_to_all", "check_shardable",
-           "expert_range", "install", "setup_expert_parallel", "shard_layer"]
+           "expert_range", "setup_expert_parallel", "shard_layer"]
 
 logger = logging.getLogger(__name__)
-
-
-def install() -> None:
-    """Install the fairseq trainer/checkpoint hooks (idempotent; the plugin's import does it)."""
-    from . import fairseq_hooks
-
-    fairseq_hooks.install()
 
 
 def _check_training_options(args) -> None:
@@ -83,6 +79,12 @@ def setup_expert_parallel(model, args):
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     expert_parallel = getattr(args, "moe_expert_parallel", True) is not False
     if expert_parallel:  # all errors before anything changes
+        from .. import compat
+
+        if not compat.enabled("EXPERT_PARALLEL"):
+            raise ValueError("expert parallelism (--moe-expert-parallel, the default in distributed "
+                             "training) needs the plugin's trainer hooks, switched off by "
+                             "SMOE_PATCH_EXPERT_PARALLEL=0: unset it or pass --no-moe-expert-parallel")
         _check_training_options(args)
         for name, layer in layers:
             check_shardable(layer, world_size, name)
@@ -107,7 +109,7 @@ def setup_expert_parallel(model, args):
     logger.info(f"expert parallelism: worker {rank} holds {local:,} expert parameters "
                 f"(1/{world_size} of the model's experts)")
 
-    from . import fairseq_hooks
+    from ..compat import trainer_hooks
 
-    fairseq_hooks.register_sharded_model(model, group)
+    trainer_hooks.register_sharded_model(model, group)
     return model

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..checkpoint_safety import CHECKSUM_KEY, numbered_checkpoints
+from ..compat.checkpoint_safety import CHECKSUM_KEY, numbered_checkpoints
 from .data_position import continue_data_position, current_world_size, saved_world_size
 
 logger = logging.getLogger(__name__)

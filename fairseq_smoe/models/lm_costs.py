@@ -72,7 +72,9 @@ def preset_table() -> str:
     """Markdown table of every registered lstm_moe_lm architecture."""
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY
 
-    import fairseq_smoe  # noqa: F401  (registers the architectures)
+    from fairseq_smoe.compat import install_all
+
+    install_all()  # registers the plugin with fairseq, installs its patches
 
     rows = ["| `--arch` | experts (groups) | k | expert hidden | LSTMs below+above MoE × units | "
             "params (M) | ops/timestep (M) |",

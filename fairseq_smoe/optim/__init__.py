@@ -1,7 +1,8 @@
 """Optimizers the plugin registers with fairseq: ``--optimizer smoe_adam`` (App. D)."""
 
-from .smoe_adam import SmoeAdam, SmoeAdamW, install_fp16_hook, is_expert_param
+from .smoe_adam import SmoeAdam, SmoeAdamW, is_expert_param
 
-install_fp16_hook()
+# smoe_adam.install_fp16_hook (a patch of fairseq's FP16Optimizer) is installed by
+# fairseq_smoe.compat.install_all (SMOE_PATCH_FP16_EXPERTS=0 switches it off).
 
 __all__ = ["SmoeAdam", "SmoeAdamW", "is_expert_param"]
