@@ -28,8 +28,9 @@ step counts are plain ints. State is fp32 whatever the parameters' dtype (``--me
 fp16``); fp16 master weights (``--fp16``) must not be flattened into one tensor (the factored
 structure would be lost): that is refused with the fix named.
 
-Expert tensors are updated in blocks of experts so that the temporaries (g², √V̂) stay small
-(``CHUNK_ELEMENTS``) next to a billion expert weights.
+Every tensor is updated in blocks of its leading dimension (whole experts for expert tensors)
+so that the temporaries (g², √V̂, Adam's √v + ε) stay small (``CHUNK_ELEMENTS``) next to a
+billion expert weights or a 793k-word embedding.
 """
 
 import math
@@ -122,34 +123,36 @@ class SmoeAdamW(torch.optim.Optimizer):
         return loss
 
     def _adam_step(self, p, group):
-        """fairseq's Adam (fairseq/optim/adam.py), same operations in the same order."""
-        grad = p.grad
-        if grad.dtype in _HALF:
-            grad = grad.float()
-        p32 = p.data.float() if p.data.dtype in _HALF else p.data
+        """fairseq's Adam (fairseq/optim/adam.py): the same elementwise operations in the same
+        order, in blocks of rows (bit for bit the same, with bounded temporaries)."""
+        half = p.data.dtype in _HALF
         state = self.state[p]
         if len(state) == 0:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p32)
-            state["exp_avg_sq"] = torch.zeros_like(p32)
+            state["exp_avg"] = torch.zeros_like(p.data, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p.data, dtype=torch.float32)
         else:
             _check_layout(state, ("exp_avg", "exp_avg_sq"), "full", p)
-            state["exp_avg"] = state["exp_avg"].to(p32)
-            state["exp_avg_sq"] = state["exp_avg_sq"].to(p32)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = state[name].to(device=p.device, dtype=torch.float32)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
         bias_correction1 = 1 - beta1 ** state["step"]
         bias_correction2 = 1 - beta2 ** state["step"]
         step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
-        if group["weight_decay"] != 0:
-            p32.add_(p32, alpha=-group["weight_decay"] * group["lr"])
-        p32.addcdiv_(exp_avg, denom, value=-step_size)
-        if p.data.dtype in _HALF:
-            p.data.copy_(p32)
+        for s in _blocks(p):
+            grad = p.grad[s].float() if p.grad.dtype in _HALF else p.grad[s]
+            w = p.data[s]
+            w32 = w.float() if half else w
+            exp_avg, exp_avg_sq = state["exp_avg"][s], state["exp_avg_sq"][s]
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = exp_avg_sq.sqrt().add_(group["eps"])
+            if group["weight_decay"] != 0:
+                w32.add_(w32, alpha=-group["weight_decay"] * group["lr"])
+            w32.addcdiv_(exp_avg, denom, value=-step_size)
+            if half:
+                w.copy_(w32)
 
     def _expert_step(self, p, group):
         """App. D: β1 = 0; factored v per expert matrix, full v for expert vectors."""
@@ -172,10 +175,7 @@ class SmoeAdamW(torch.optim.Optimizer):
         step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"])
         decay = group["weight_decay"] * group["lr"]
         eps = group["eps"]
-        per_expert = max(1, p[0].numel())
-        block = max(1, CHUNK_ELEMENTS // per_expert)
-        for first in range(0, p.shape[0], block):
-            s = slice(first, first + block)
+        for s in _blocks(p):  # whole experts
             w = p.data[s]
             w32 = w.float() if w.dtype in _HALF else w
             g = p.grad[s].float() if p.grad.dtype in _HALF else p.grad[s]
@@ -198,6 +198,17 @@ class SmoeAdamW(torch.optim.Optimizer):
             w32.addcdiv_(g, denom, value=-step_size)
             if w32 is not w:
                 w.copy_(w32)
+
+
+def _blocks(p: torch.Tensor):
+    """Index of consecutive blocks of ``p``'s leading dimension, at most ``CHUNK_ELEMENTS``
+    elements each (one row/expert at least); ``...`` for scalars."""
+    if p.dim() == 0:
+        yield ...
+        return
+    rows = max(1, CHUNK_ELEMENTS // max(1, p[0].numel()))
+    for first in range(0, p.shape[0], rows):
+        yield slice(first, first + rows)
 
 
 def _check_layout(state, names, mode, p) -> None:
