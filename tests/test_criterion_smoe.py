@@ -91,10 +91,15 @@ def test_logged_metrics_equal_those_recomputed_from_the_layer_stats(arch):
     assert values["moe_cv_load"] == pytest.approx(cv(stats.load), abs=1e-3)
     counts = stats.counts.double().reshape(-1)
     assert values["moe_max_load"] == pytest.approx(float(counts.max() / counts.mean()), abs=1e-3)
-    assert values["moe_balance"] == pytest.approx(float(stats.loss.detach()), abs=1e-4)
+    assert values["moe_min_load"] == pytest.approx(float(counts.min() / counts.mean()), abs=1e-3)
+    assert values["moe_dead"] == float((counts == 0).sum())
+    assert values["moe_loss"] == pytest.approx(float(stats.loss.detach()), abs=1e-4)
+    assert "moe_balance" not in values  # one layer: its balance is moe_loss
     assert values["moe_unrouted"] == pytest.approx(float(stats.unrouted) / 33, abs=1e-4)
     assert values["nll_loss"] == pytest.approx(float(nll.detach()) / 33 / math.log(2), abs=1e-3)
-    assert values["loss"] == pytest.approx(float(loss.detach()) / 33 / math.log(2), abs=1e-3)
+    # the logged loss is the task loss alone; the balance term is moe_loss
+    assert values["loss"] == pytest.approx(float(nll.detach()) / 33 / math.log(2), abs=1e-3)
+    assert values["loss"] == pytest.approx(values["nll_loss"], abs=1e-3)
     # the CV is not degenerate: the metric can tell balanced from unbalanced
     assert values["moe_cv_imp"] > 0.01
 
@@ -113,12 +118,14 @@ def test_several_logging_outputs_are_summed_per_expert_before_the_ratios():
     logs = [worker_log([5.0, 0.0], [5.0, 0.0]), worker_log([0.0, 5.0], [0.0, 5.0])]
     each = logged(logs[:1])
     assert each["moe_cv_imp"] == pytest.approx(1.0) and each["moe_max_load"] == pytest.approx(2.0)
+    assert each["moe_min_load"] == 0 and each["moe_dead"] == 1  # one of two experts got nothing
     both = logged(logs)
     assert both["moe_cv_imp"] == pytest.approx(0.0, abs=1e-6)
     assert both["moe_cv_load"] == pytest.approx(0.0, abs=1e-6)
     assert both["moe_max_load"] == pytest.approx(1.0)
     assert both["moe_unrouted"] == pytest.approx(2 / 10)
-    assert both["moe_balance"] == pytest.approx(1.0 / 10)
+    assert both["moe_min_load"] == pytest.approx(1.0) and both["moe_dead"] == 0
+    assert both["moe_loss"] == pytest.approx(1.0 / 10)
     assert both["nll_loss"] == pytest.approx(20 / 10 / math.log(2), abs=1e-3)
 
 
@@ -141,8 +148,8 @@ def test_dense_baseline_logs_no_moe_metrics():
     model, task = build_model("lstm_moe_lm_tiny_4xlstm")
     _, _, log, _ = run_criterion(model, task, make_sample(task.target_dictionary))
     values = logged([log])
-    assert not any(key.startswith("moe_") and key != "moe_loss" for key in values)
-    assert values["moe_loss"] == 0 and values["loss"] == values["nll_loss"]
+    assert not any(key.startswith("moe_") for key in values)
+    assert values["loss"] == values["nll_loss"]
 
 
 def test_adaptive_softmax_loss_is_the_exact_nll_including_tail_word_at_offset_pad():
@@ -166,3 +173,40 @@ def test_label_smoothing_with_adaptive_softmax_is_refused():
     model, task = build_model(adaptive_softmax_cutoff="20,40")
     with pytest.raises(ValueError, match="label smoothing"):
         run_criterion(model, task, make_sample(task.target_dictionary), label_smoothing=0.1)
+
+
+def test_validation_loss_is_the_task_loss_and_vectors_print_compactly():
+    from fairseq.logging.progress_bar import format_stat
+
+    model, task = build_model("lstm_moe_lm_tiny")
+    model.eval()
+    sample = make_sample(task.target_dictionary)
+    loss, sample_size, log, net_output = run_criterion(model, task, sample)
+    stats = net_output[1]["moe_stats"]["moe"]
+    assert float(stats.loss.detach()) > 0  # eval mode has a balance term too...
+    assert float(log["loss"]) == pytest.approx(float(log["nll_loss"]), rel=1e-6)  # ...not in "loss"
+    torch.testing.assert_close(loss, log["nll_loss"] + sample_size * stats.loss)  # optimised
+    values = logged([log])
+    assert values["loss"] == pytest.approx(values["nll_loss"], abs=1e-3)
+    assert values["moe_loss"] == pytest.approx(float(stats.loss.detach()), abs=1e-4)
+    # fairseq-validate prints raw logging outputs: no per-expert numbers there
+    assert format_stat(log["moe_importance"]) == f"[{stats.importance.numel()} values]"
+    assert all(not isinstance(format_stat(v), list) for v in log.values())
+
+
+def test_two_layers_log_each_balance_and_the_total():
+    def layer_log(name, balance):
+        return {f"{name}_balance": torch.tensor(balance * 4), f"{name}_tokens": torch.tensor(4.0),
+                f"{name}_unrouted": torch.tensor(0.0),
+                f"{name}_importance": torch.tensor([1.0, 1.0, 2.0]),
+                f"{name}_load": torch.tensor([1.0, 1.0, 2.0]),
+                f"{name}_counts": torch.tensor([2.0, 2.0, 0.0])}
+
+    log = {"loss": torch.tensor(8.0), "nll_loss": torch.tensor(8.0), "ntokens": 4,
+           "nsentences": 1, "sample_size": 4, "moe_loss": torch.tensor(0.5 * 4),
+           **layer_log("encoder_moe", 0.2), **layer_log("decoder_moe", 0.3)}
+    values = logged([log])
+    assert values["encoder_moe_balance"] == pytest.approx(0.2)
+    assert values["decoder_moe_balance"] == pytest.approx(0.3)
+    assert values["moe_loss"] == pytest.approx(0.5)
+    assert values["decoder_moe_dead"] == 1 and values["decoder_moe_min_load"] == 0

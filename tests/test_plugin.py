@@ -1,6 +1,7 @@
 """The plugin imports cleanly in every fairseq CLI and makes fairseq checkpoints loadable under
 torch >= 2.6 without environment variables."""
 
+import json
 import os
 import subprocess
 import sys
@@ -95,3 +96,90 @@ def test_bad_moe_options_end_fairseq_train_with_one_clear_line(tmp_path, extra, 
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"fairseq-smoe: error: lstm_moe_lm: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# What each patch of fairseq_smoe.compat changes, as a check run in a fresh process.
+_PATCH_PROBES = """
+import json, sys
+import numpy as np
+import torch
+from fairseq import checkpoint_utils, utils
+from fairseq.data import data_utils
+from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
+from fairseq.trainer import Trainer
+print(json.dumps({
+    "CHECKPOINT_LOAD": type(checkpoint_utils.torch).__name__ == "_TorchWithTrustedLoad",
+    "CHECKPOINT_SAFETY": getattr(checkpoint_utils, "_smoe_checkpoint_safety", False),
+    "NUMPY2": hasattr(np, "compat") and getattr(np.compat, "long", None) is int,
+    "LAST_BATCH": getattr(data_utils.batch_by_size, "_smoe_keeps_last_batch", False),
+    "EXPERT_PARALLEL": getattr(Trainer, "_smoe_expert_parallel_hooks", False)
+                       and utils.clip_grad_norm_.__module__.startswith("fairseq_smoe"),
+    "CRITERION_CHECK": getattr(Trainer, "_smoe_criterion_check", False),
+    "FP16_EXPERTS": getattr(_FP16OptimizerMixin.__dict__["build_fp32_params"].__func__, "_smoe",
+                            False),
+    "CLI_ERRORS": getattr(sys.excepthook, "_smoe", False),
+}))
+"""
+
+
+def _run_python(code, env=None, argv0=None):
+    full_env = clean_env()
+    full_env.update(env or {})
+    if argv0:  # cli_errors installs its hook only in fairseq-* programs
+        code = f"import sys; sys.argv[0] = {argv0!r}\n" + code
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=full_env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_importing_the_layer_imports_no_fairseq_patches_nothing_prints_nothing():
+    result = _run_python(
+        "import sys\n"
+        "hook = sys.excepthook\n"
+        "import fairseq_smoe, fairseq_smoe.modules\n"
+        "from fairseq_smoe.modules import MoELayer, HierarchicalMoELayer  # noqa\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'fairseq'], 'fairseq imported'\n"
+        "assert sys.excepthook is hook\n"
+        "sys.stdout.write('-- fairseq --\\n'); sys.stderr.write('-- fairseq --\\n')\n"
+        + _PATCH_PROBES, argv0="fairseq-train")
+    assert result.stderr.startswith("-- fairseq --\n"), result.stderr  # nothing before fairseq
+    assert result.stdout.startswith("-- fairseq --\n"), result.stdout
+    probes = json.loads(result.stdout.split("\n")[1])
+    assert not any(probes.values()), probes  # fairseq imported afterwards is untouched
+
+
+def test_install_all_installs_every_patch_and_each_switch_turns_its_patch_off():
+    from fairseq_smoe import compat
+
+    code = ("from fairseq_smoe import compat\n"
+            "state = compat.install_all()\n"
+            "from fairseq.models import ARCH_MODEL_REGISTRY\n"
+            "from fairseq.criterions import CRITERION_REGISTRY\n"
+            "from fairseq.optim import OPTIMIZER_REGISTRY\n"
+            "assert 'lstm_moe_lm' in ARCH_MODEL_REGISTRY and 'lstm_moe_nmt' in ARCH_MODEL_REGISTRY\n"
+            "assert 'smoe_cross_entropy' in CRITERION_REGISTRY and 'smoe_adam' in OPTIMIZER_REGISTRY\n"
+            + _PATCH_PROBES)
+    names = [p.name for p in compat.PATCHES]
+    on = json.loads(_run_python(code, argv0="fairseq-train").stdout)
+    assert on == {name: True for name in names}
+    # Every other patch off: the ones left on are exactly those switched on.
+    half = names[::2]
+    env = {f"SMOE_PATCH_{n}": "0" for n in names if n not in half}
+    mixed = json.loads(_run_python(code, env, argv0="fairseq-train").stdout)
+    assert mixed == {name: name in half for name in names}
+    env = {f"SMOE_PATCH_{n}": "off" for n in half}
+    other = json.loads(_run_python(code, env, argv0="fairseq-train").stdout)
+    assert other == {name: name not in half for name in names}
+    # The older switch of checkpoint_safety still works.
+    assert json.loads(_run_python(code, {"SMOE_CHECKPOINT_SAFETY": "0"}).stdout)[
+        "CHECKPOINT_SAFETY"] is False
+
+
+def test_every_patch_is_documented_with_its_switch():
+    from fairseq_smoe import compat
+
+    page = open(os.path.join(ROOT, "docs", "compat.md")).read()
+    for patch in compat.PATCHES:
+        assert f"`{patch.variable}=0`" in page, patch.name
+        assert patch.module.split(".")[-1] in page, patch.module

@@ -6,7 +6,10 @@
 #   - lstm_lm:  fairseq's own lstm_lm, 3 layers of 256, no residuals (its defaults), same
 #               adaptive softmax cutoffs.
 # All three: same data order (seed), same tokens per update, same number of updates, same
-# optimiser and schedule; then fairseq-eval-lm on the full test set.
+# optimiser and schedule; then fairseq-eval-lm on the full test set. lstm_lm runs with
+# --user-dir fairseq_smoe too: the plugin's patches (docs/compat.md) apply to every model in the
+# process, and batching_compat's kept last batch changes the batch count and data order, so a
+# run without the plugin would not see the same batches.
 #
 #   bash examples/language_model/compare_wikitext2.sh [UPDATES]     (default 300, as the demo)
 # Results: outputs/lm-compare/summary.md. Runs the three trainings in parallel, one thread each.
@@ -30,7 +33,7 @@ declare -A model
 model[moe]="--user-dir fairseq_smoe --arch lstm_moe_lm_wikitext2_demo --criterion smoe_cross_entropy"
 model[dense3x]="--user-dir fairseq_smoe --arch lstm_moe_lm_wikitext2_demo --moe-num-experts 0
   --lstm-layers-before-moe 2 --lstm-layers-after-moe 1 --criterion smoe_cross_entropy"
-model[lstm_lm]="--arch lstm_lm --decoder-layers 3 --decoder-embed-dim 256 --decoder-hidden-size 256
+model[lstm_lm]="--user-dir fairseq_smoe --arch lstm_lm --decoder-layers 3 --decoder-embed-dim 256 --decoder-hidden-size 256
   --decoder-out-embed-dim 256 --dropout 0.1 --criterion adaptive_loss --ddp-backend legacy_ddp
   --adaptive-softmax-cutoff 2000,10000"
 for name in moe dense3x lstm_lm; do

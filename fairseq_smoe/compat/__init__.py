@@ -23,11 +23,13 @@ process once installed, i.e. to every model fairseq trains in it, not only ours.
 """
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 _OFF = ("0", "false", "no", "off")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ def install_all() -> Dict[str, bool]:
         if on:
             _function(patch)()
         _installed[patch.name] = on
+    off = [p.variable for p in PATCHES if not _installed[p.name]]
+    if off:
+        logger.info(f"fairseq-smoe: patches of fairseq switched off: {', '.join(off)}")
     # Registration: fairseq's --user-dir imports only models/ and tasks/ of the plugin.
     for package in ("criterions", "lr_scheduler", "optim", "models"):
         importlib.import_module(f"fairseq_smoe.{package}")

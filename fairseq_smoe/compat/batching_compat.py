@@ -6,6 +6,10 @@ multiple of ``--required-batch-size-multiple`` (default 8): ``fairseq-generate``
 of the data, and nothing says so. The multiple exists for hardware efficiency, never to lose
 data, so we put the discarded examples back as the last (smaller) batch. Every other batch is
 unchanged.
+
+This changes the batches of every model trained in the process, fairseq's own included: one
+more batch per epoch wherever fairseq dropped the tail, so the batch count and the shuffled
+data order differ from a run without the plugin (docs/compat.md).
 """
 
 import functools
@@ -33,7 +37,7 @@ def _keep_last_batch(batch_by_size):
 
 
 def install() -> None:
-    """Idempotent; called when the plugin is imported."""
+    """Idempotent; called by ``compat.install_all`` (``SMOE_PATCH_LAST_BATCH=0``: not at all)."""
     from fairseq.data import data_utils
 
     if not getattr(data_utils.batch_by_size, "_smoe_keeps_last_batch", False):

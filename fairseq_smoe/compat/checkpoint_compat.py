@@ -17,14 +17,18 @@ import types
 import torch
 
 
-class _TorchWithTrustedLoad(types.ModuleType):
-    """Stands in for ``torch`` inside fairseq.checkpoint_utils; forwards everything else."""
+class _TorchView(types.ModuleType):
+    """Stands in for ``torch`` inside fairseq.checkpoint_utils; forwards everything."""
 
     def __init__(self):
         super().__init__("torch")
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+class _TorchWithTrustedLoad(_TorchView):
+    """The stand-in whose ``load`` defaults to ``weights_only=False``."""
 
     @staticmethod
     @functools.wraps(torch.load)
@@ -34,7 +38,7 @@ class _TorchWithTrustedLoad(types.ModuleType):
 
 
 def install() -> None:
-    """Idempotent; called when the plugin is imported (``--user-dir fairseq_smoe``)."""
+    """Idempotent; called by ``compat.install_all`` (``--user-dir fairseq_smoe``)."""
     from fairseq import checkpoint_utils
 
     if not isinstance(checkpoint_utils.torch, _TorchWithTrustedLoad):

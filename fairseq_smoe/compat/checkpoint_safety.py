@@ -1,7 +1,8 @@
 """Checkpoint files that survive a kill, show damage, and are never lost to a typo.
 
-Installed when the plugin is imported (``--user-dir fairseq_smoe``); ``SMOE_CHECKPOINT_SAFETY=0``
-leaves fairseq's checkpoint code as it is. What changes in fairseq 0.12's ``checkpoint_utils``:
+Installed by ``compat.install_all`` (``--user-dir fairseq_smoe``); ``SMOE_PATCH_CHECKPOINT_SAFETY=0``
+(or ``SMOE_CHECKPOINT_SAFETY=0``) leaves fairseq's checkpoint code as it is. What changes in
+fairseq 0.12's ``checkpoint_utils``:
 
 * ``torch_persistent_save`` (the trainer writes the first file of a save with it): the file is
   written as ``NAME.tmp-PID``, fsynced, renamed to ``NAME`` and the directory fsynced. fairseq
@@ -382,7 +383,7 @@ class _AtomicCopyPathManager:
 
 
 def install() -> None:
-    """Idempotent; called when the plugin is imported (after checkpoint_compat)."""
+    """Idempotent; called by ``compat.install_all`` (after checkpoint_compat)."""
     if not _enabled("SMOE_CHECKPOINT_SAFETY"):
         return
     from fairseq import checkpoint_utils
@@ -404,13 +405,14 @@ def install() -> None:
     checkpoint_utils.torch_persistent_save = torch_persistent_save
     checkpoint_utils.PathManager = _AtomicCopyPathManager(path_manager)
 
-    # checkpoint_utils' own view of torch (checkpoint_compat's stand-in, else a new one): its
-    # load verifies. The real torch.load of the process is untouched.
+    # checkpoint_utils' own view of torch (checkpoint_compat's stand-in, else a plain one that
+    # keeps torch's weights_only default): its load verifies. The real torch.load of the
+    # process is untouched.
     view = checkpoint_utils.torch
     if view is torch:
-        from .checkpoint_compat import _TorchWithTrustedLoad
+        from .checkpoint_compat import _TorchView
 
-        view = checkpoint_utils.torch = _TorchWithTrustedLoad()
+        view = checkpoint_utils.torch = _TorchView()
     view.load = _verified_load(view.load)
 
     load_checkpoint = checkpoint_utils.load_checkpoint

@@ -11,13 +11,23 @@ the paper (0.1 for LM, 0.01 for MT). The weights themselves live in the layers
 Models hand their layers' statistics over in the decoder's extra dict:
 ``net_output[1]["moe_stats"]``, an ordered dict {layer name: MoEStats}.
 
-Metrics, per update and per MoE layer ``NAME`` (summed over data-parallel workers and
+Metrics. ``loss`` is the task loss alone (cross-entropy, label-smoothed when asked), in
+training and in validation, so ``checkpoint_best.pt``, ``--patience`` and the lr schedulers that
+watch the validation loss follow the model, not the balance terms; ``nll_loss``/``ppl`` as in
+fairseq. The balance term that training adds to the objective is logged apart:
+    moe_loss       Σ_layers stats.loss (training optimises loss + moe_loss, in base e per token)
+and per MoE layer ``NAME`` (per-expert vectors summed over data-parallel workers and
 gradient-accumulation steps before the ratios are taken, so they describe the global batch):
     NAME_cv_imp    CV(Importance)            (paper Table 6)
     NAME_cv_load   CV(Load), the vector the load loss sees
     NAME_max_load  max/mean of the tokens actually sent to each expert (Table 6 "max/mean load")
-    NAME_balance   that layer's stats.loss
-    NAME_unrouted  share of tokens that reached no expert (App. F thresholds in eval only)
+    NAME_min_load  min/mean of the same: the least-loaded expert's share (0 when one got none)
+    NAME_dead      how many experts received no token in the batch
+    NAME_unrouted  share of tokens that reached no expert (App. F thresholds in eval; batchwise
+                   gating's per-batch threshold in training too)
+    NAME_balance   that layer's stats.loss (only with several MoE layers; else = moe_loss)
+Every value fairseq logs is a scalar; the per-expert vectors travel in the logging outputs only
+(shown as ``[E values]`` where fairseq prints a raw logging output, e.g. fairseq-validate).
 """
 
 import math
@@ -50,6 +60,28 @@ class SMoELabelSmoothedCrossEntropyConfig(SMoECrossEntropyConfig):
     label_smoothing: float = field(
         default=0.1, metadata={"help": "epsilon for label smoothing, 0 means no label smoothing"}
     )
+
+
+class PerExpert(torch.Tensor):
+    """A per-expert vector in a logging output. Any operation on it gives a plain tensor (sums
+    over workers and steps work as before); only where fairseq prints a raw logging output
+    (fairseq-validate's per-batch progress) it shows as ``[E values]``, not the numbers."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def tolist(self):  # fairseq's progress_bar.format_stat prints tensors as .tolist()
+        return f"[{self.numel()} values]"
+
+
+def _per_expert(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().float().as_subclass(PerExpert)
+
+
+def min_over_mean(values_E: torch.Tensor) -> float:
+    """The least-loaded expert's share of the mean: 0 when an expert got nothing, 1 balanced."""
+    values = values_E.double().reshape(-1)
+    mean = values.mean()
+    return float(values.min() / mean) if mean > 0 else 0.0
 
 
 def moe_stats_of(net_output):
@@ -88,11 +120,12 @@ class SMoECrossEntropyCriterion(FairseqCriterion):
             logging_output[f"{name}_tokens"] = stats.num_tokens.detach().float()
             logging_output[f"{name}_unrouted"] = stats.unrouted.detach().float()
             for vector in _VECTOR_FIELDS:
-                logging_output[f"{name}_{vector}"] = getattr(stats, vector).detach().float()
+                logging_output[f"{name}_{vector}"] = _per_expert(getattr(stats, vector))
         if reduce:
+            # The returned loss (what training optimises) adds the balance losses; the logged
+            # "loss" stays the task loss and the balance term is logged apart as moe_loss.
             logging_output["moe_loss"] = moe_total.detach() * sample_size
             loss = loss + moe_total * sample_size
-            logging_output["loss"] = loss.data  # the optimised loss: CE + balance losses
         return loss, sample_size, logging_output
 
     def compute_task_loss(self, model, net_output, sample, reduce=True):
@@ -147,21 +180,25 @@ class SMoECrossEntropyCriterion(FairseqCriterion):
         metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
         metrics.log_scalar("nll_loss", nll_sum / max(ntokens, 1) / math.log(2), ntokens, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
-        if any("moe_loss" in log for log in logging_outputs):
+        names = _layer_names(logging_outputs)
+        if names:
             metrics.log_scalar("moe_loss", utils.item(total("moe_loss")) / sample_size,
                                sample_size, round=4)
-        for name in _layer_names(logging_outputs):
+        for name in names:
             importance, load, counts = (_vector_total(logging_outputs, f"{name}_{v}")
                                         for v in _VECTOR_FIELDS)
             tokens = max(utils.item(total(f"{name}_tokens")), 1)
             metrics.log_scalar(f"{name}_cv_imp", coefficient_of_variation(importance), 1, round=3)
             metrics.log_scalar(f"{name}_cv_load", coefficient_of_variation(load), 1, round=3)
             metrics.log_scalar(f"{name}_max_load", max_over_mean(counts), 1, round=3)
-            metrics.log_scalar(f"{name}_balance",
-                               utils.item(total(f"{name}_balance")) / sample_size, sample_size,
-                               round=4)
+            metrics.log_scalar(f"{name}_min_load", min_over_mean(counts), 1, round=3)
+            metrics.log_scalar(f"{name}_dead", float((counts.reshape(-1) == 0).sum()), 1, round=2)
             metrics.log_scalar(f"{name}_unrouted",
                                utils.item(total(f"{name}_unrouted")) / tokens, tokens, round=4)
+            if len(names) > 1:
+                metrics.log_scalar(f"{name}_balance",
+                                   utils.item(total(f"{name}_balance")) / sample_size,
+                                   sample_size, round=4)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
@@ -187,5 +224,6 @@ def _layer_names(logging_outputs):
 
 
 def _vector_total(logging_outputs, key) -> torch.Tensor:
-    vectors = [torch.as_tensor(log[key]).float().cpu() for log in logging_outputs if key in log]
+    vectors = [torch.as_tensor(log[key]).float().cpu().as_subclass(torch.Tensor)
+               for log in logging_outputs if key in log]
     return torch.stack(vectors).sum(0)
