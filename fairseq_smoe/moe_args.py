@@ -12,6 +12,8 @@ Shared by every fairseq model of the plugin, so ``--moe-*`` flags mean the same 
     --moe-w-importance W, --moe-w-load W   balance-loss weights (paper: 0.1 LM, 0.01 MT)
     --moe-recompute         recompute expert activations in backward (App. D)
     --[no-]moe-expert-parallel   shard experts across distributed workers (default: on)
+    --moe-experts-backend B auto | loop | grouped_mm | triton (default: SMOE_EXPERTS_BACKEND,
+                            else auto; see fairseq_smoe/ops)
 
 Models set their own defaults in their ``base_architecture`` with ``getattr(args, ..., default)``.
 """
@@ -19,6 +21,7 @@ Models set their own defaults in their ``base_architecture`` with ``getattr(args
 import math
 
 from .modules import GATING_MODES, HierarchicalMoELayer, MoELayer
+from .ops import BACKENDS
 
 
 def add_moe_args(parser) -> None:
@@ -52,6 +55,11 @@ def add_moe_args(parser) -> None:
     group.add_argument("--no-moe-expert-parallel", dest="moe_expert_parallel",
                        action="store_false",
                        help="replicate the experts on every worker (plain data parallelism)")
+    group.add_argument("--moe-experts-backend", choices=BACKENDS, default=None,
+                       help="how the experts run: loop (CPU expert loop), grouped_mm "
+                            "(torch._grouped_mm), triton (Triton kernels), auto (loop on CPU; on "
+                            "CUDA grouped_mm for bf16 on compute capability 9.x, else triton); "
+                            "default: $SMOE_EXPERTS_BACKEND, else auto")
 
 
 def set_moe_defaults(args, num_experts=0, groups=0, k=4, hidden_dim=1024, expert_layers=1,
@@ -80,7 +88,8 @@ def build_moe_layer(args, dim: int):
     common = dict(hidden_dim=args.moe_hidden_dim, gating=args.moe_gating,
                   num_hidden_layers=args.moe_expert_layers, noise_epsilon=args.moe_noise_epsilon,
                   w_importance=args.moe_w_importance, w_load=args.moe_w_load,
-                  recompute_activations=bool(args.moe_recompute))
+                  recompute_activations=bool(args.moe_recompute),
+                  backend=getattr(args, "moe_experts_backend", None))
     groups = args.moe_groups or 0
     if groups < 0:
         raise ValueError(f"--moe-groups must be >= 0 (0 or 1: a flat MoE, G > 1: G groups); "

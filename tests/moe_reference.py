@@ -112,11 +112,13 @@ def dense_hierarchical_moe(layer, x, padding_mask=None):
     G_full = G_primary.new_zeros(T, a, b)
     load = G_primary.new_zeros(a, b)
     group_rows = [(G_primary[:, i] > 0).nonzero().squeeze(1) for i in range(a)]  # X^(i), in order
-    # Noisy secondary gates: one draw for the rows of all groups, X^(1) first (as the layer).
+    # Noisy secondary gates: one draw for the rows of all groups, X^(1) first (as the layer),
+    # shaped for all T·k_primary primary assignments (padding ones last, unused).
     noise = None
     if layer.training and getattr(layer.secondary_gates[0], "noisy", False):
-        noise = gate_noise(sum(len(r) for r in group_rows), b,
-                           torch.promote_types(real.dtype, torch.float32), x.device)
+        real_rows = sum(len(r) for r in group_rows)
+        noise = gate_noise(x_TD.shape[0] * layer.k_primary, b,
+                           torch.promote_types(real.dtype, torch.float32), x.device)[:real_rows]
         noise = torch.split(noise, [len(r) for r in group_rows])
     for i, rows in enumerate(group_rows):
         G_i, load_i, aux_i = dense_gate(layer.secondary_gates[i], real[rows], layer.training,

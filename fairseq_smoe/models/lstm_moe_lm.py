@@ -191,9 +191,8 @@ class LSTMMoEDecoder(FairseqIncrementalDecoder):
         cached = self._cached_states(incremental_state)
         if cached is not None:
             prev_output_tokens = prev_output_tokens[:, -1:]
+        # Always passed (no `.any()` test: that would read a value back from the device).
         padding_mask_TB = prev_output_tokens.eq(self.padding_idx).t()
-        if not padding_mask_TB.any():
-            padding_mask_TB = None
 
         x_TBD = self.dropout_module(self.embed_tokens(prev_output_tokens.t()))
         new_states: Dict[str, Optional[Tensor]] = {}

@@ -57,7 +57,7 @@ class GateOutput(NamedTuple):
     load_E: torch.Tensor  # float [E]: smooth Load (eq. 10) or hard counts
     counts_E: torch.Tensor  # long [E]: rows actually sent to each expert
     aux_loss: torch.Tensor  # scalar: L_batchwise (App. F) or 0
-    num_rows: int  # real (non-padding) rows: |X|
+    num_rows: object  # real (non-padding) rows |X|: int, or a 0-dim tensor with padding
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -65,8 +65,18 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _num_real_rows(valid_T: Optional[torch.Tensor], num_rows: int) -> int:
-    return num_rows if valid_T is None else int(valid_T.sum())
+def project(x_TD: torch.Tensor, weight_DE: torch.Tensor) -> torch.Tensor:
+    """x·W for a gate, in float32 (float64 stays float64) whatever the input's precision and
+    under autocast too: inputs and weights are cast for this small product, so near-tied logits
+    are not reordered by half-precision rounding before the top-k."""
+    dtype = torch.promote_types(torch.promote_types(x_TD.dtype, weight_DE.dtype), torch.float32)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return x_TD.to(dtype) @ weight_DE.to(dtype)
+
+
+def _num_real_rows(valid_T: Optional[torch.Tensor], num_rows: int):
+    """|X|: an int, or a 0-dim tensor on the device with padding (not read back)."""
+    return num_rows if valid_T is None else valid_T.sum()
 
 
 def _per_expert_sum(expert_A: torch.Tensor, values_A: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -76,7 +86,9 @@ def _per_expert_sum(expert_A: torch.Tensor, values_A: torch.Tensor, num_experts:
 
 
 def _counts(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.bincount(expert_A, minlength=num_experts + 1)[:num_experts]
+    """Assignments per expert (a scatter-add: ``bincount`` reads its size back on CUDA)."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_A.device)
+    return counts.scatter_add_(0, expert_A, torch.ones_like(expert_A))[:num_experts]
 
 
 class NoisyTopKGate(nn.Module):
@@ -96,11 +108,14 @@ class NoisyTopKGate(nn.Module):
         # Reused noise and logit-gradient buffers between steps on CPU (workspace.py); not state.
         self.workspace = Workspace()
 
-    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
+                resident: bool = False) -> GateOutput:
+        """``resident``: the device-resident routing of the grouped backends (one pass over all
+        rows, noise from the device's generator; see fairseq_smoe/ops)."""
         E, k = self.num_experts, self.k
         T = x_TD.shape[0]
-        logits_T2E = _at_least_fp32(x_TD @ self.projection())
-        gate_TK, expert_TK, load_E = self.route(logits_T2E, valid_T)
+        logits_T2E = project(x_TD, self.projection())
+        gate_TK, expert_TK, load_E = self.route(logits_T2E, valid_T, resident=resident)
         if valid_T is not None:
             expert_TK = torch.where(valid_T[:, None], expert_TK, E)
             gate_TK = gate_TK * valid_T[:, None]
@@ -132,17 +147,27 @@ class NoisyTopKGate(nn.Module):
         return self.w_gate
 
     def route(self, logits_T2E: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
-              segment_rows: Optional[Sequence[int]] = None):
+              segment_rows: Optional[Sequence[int]] = None, resident: bool = False,
+              segment_T: Optional[torch.Tensor] = None, num_segments: int = 0,
+              noise_rows: Optional[int] = None):
         """G(x) from the projected logits x·``projection()``: (gate_TK, expert_TK, smooth load,
-        or None where the load is the counts: no noise, or k = n). With ``segment_rows`` the
-        rows are separate batches (``noisy_topk.noisy_top_k``) and the smooth load is [G, E]."""
+        or None where the load is the counts: no noise, or k = n). With ``segment_rows`` (host
+        counts) or ``segment_T`` (each row's segment on the device, ``num_segments`` = dropped)
+        the rows are separate batches (``noisy_topk.noisy_top_k``) and the smooth load is
+        [G, E]."""
         E, k = self.num_experts, self.k
         if self.adds_noise:
-            noise_TE = self.draw_noise(logits_T2E[:, :E])
+            clean_TE = logits_T2E[:, :E]
+            if noise_rows is not None and noise_rows > clean_TE.shape[0]:
+                # Draw for ``noise_rows`` rows and keep the first: the same noise as a
+                # resident backend, which draws for all rows including a dropped tail.
+                clean_TE = torch.cat([clean_TE, clean_TE.new_zeros(noise_rows - clean_TE.shape[0], E)])
+            noise_TE = self.draw_noise(clean_TE)[: logits_T2E.shape[0]]
             if k < E:
                 # H(x), KeepTopK, softmax and the smooth load in one blocked pass (noisy_topk.py).
                 return noisy_top_k(logits_T2E, noise_TE, valid_T, k, self.noise_epsilon,
-                                   self.workspace, segment_rows)
+                                   self.workspace, segment_rows, single_pass=resident,
+                                   segment_T=segment_T, num_segments=num_segments)
             noise_std_TE = F.softplus(logits_T2E[:, E:]) + self.noise_epsilon  # eq. (4)
             noisy_TE = torch.addcmul(logits_T2E[:, :E], noise_TE, noise_std_TE)
         else:
@@ -164,9 +189,10 @@ class SoftmaxGate(nn.Module):
         self.num_experts = num_experts
         self.w_gate = nn.Parameter(torch.zeros(input_dim, num_experts))
 
-    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
+                resident: bool = False) -> GateOutput:
         E, T = self.num_experts, x_TD.shape[0]
-        gate_TE = torch.softmax(_at_least_fp32(x_TD @ self.w_gate), dim=-1)
+        gate_TE = torch.softmax(project(x_TD, self.w_gate), dim=-1)
         expert_TE = torch.arange(E, device=x_TD.device).expand(T, E)
         if valid_T is not None:
             gate_TE = gate_TE * valid_T[:, None]
@@ -257,9 +283,10 @@ class BatchwiseGate(nn.Module):
             state_dict[prefix + "log_thresholds"] = state_dict.pop(old_key).clamp_min(1e-30).log()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
+                resident: bool = False) -> GateOutput:
         E, T = self.num_experts, x_TD.shape[0]
-        probs_TE = torch.softmax(_at_least_fp32(x_TD @ self.w_gate), dim=-1)  # G_σ(x)
+        probs_TE = torch.softmax(project(x_TD, self.w_gate), dim=-1)  # G_σ(x)
         thresholds_E = _at_least_fp32(self.thresholds)
         mask_threshold_TE = threshold_mask(probs_TE, thresholds_E)
         if valid_T is not None:
@@ -267,7 +294,7 @@ class BatchwiseGate(nn.Module):
         num_rows = _num_real_rows(valid_T, T)
 
         if self.training:
-            m = batchwise_capacity(self.k, num_rows, E)
+            m = batchwise_capacity(self.k, int(num_rows), E)  # the one host read (shapes need m)
             mask_TE, rows_mE = batchwise_mask(probs_TE, m, valid_T)
             aux_loss = batchwise_threshold_loss(probs_TE, thresholds_E, mask_threshold_TE,
                                                 mask_TE, valid_T)

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .dispatch import gather_rows, group_by_expert
+from .. import ops
 from .experts import FeedForwardExperts
 from .gating import GATING_MODES, build_gate
 from .stats import MoEStats, balance_losses, count_unrouted
@@ -61,12 +61,17 @@ class MoELayerBase(nn.Module):
     and the balance statistics. ``self.experts`` may be swapped for an expert-parallel
     wrapper with the same ``forward(x_SD, counts)`` and ``forward_and_combine`` contract (see
     ``fairseq_smoe.distributed``).
+
+    ``backend`` says how the experts and the routing around them run (fairseq_smoe/ops):
+    "loop", "grouped_mm", "triton", or "auto" (loop on CPU; on CUDA grouped_mm for bf16 on
+    compute capability 9.x, else triton); None: ``SMOE_EXPERTS_BACKEND``, else "auto".
     """
 
     def __init__(self, input_dim: int, output_dim: int, num_experts: int, hidden_dim: int,
                  num_hidden_layers: int, w_importance: float, w_load: float,
-                 recompute_activations: bool):
+                 recompute_activations: bool, backend: Optional[str] = None):
         super().__init__()
+        self.backend = ops.check_backend(ops.default_backend() if backend is None else backend)
         self.input_dim, self.output_dim = input_dim, output_dim
         self.num_experts = num_experts
         self.w_importance, self.w_load = w_importance, w_load
@@ -101,14 +106,18 @@ class MoELayerBase(nn.Module):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's parameters ({dtype}); "
                             f"convert the input (x.to({dtype})) or the layer (layer.to({x.dtype}))")
 
-    def _experts_and_combine(self, x_TD, row_A, expert_A, gate_A):
+    def experts_backend(self, x: torch.Tensor):
+        """The backend object this layer runs with for input ``x`` (``self.backend`` resolved for
+        x's device and the experts' dtype)."""
+        weights = list(self.experts.weights)
+        dims = [weights[0].shape[1]] + [w.shape[2] for w in weights]
+        backend = getattr(self, "backend", None) or ops.default_backend()  # older pickles
+        return ops.get_backend(backend, x.device, weights[0].dtype, dims)
+
+    def _experts_and_combine(self, backend, x_TD, row_A, expert_A, gate_A):
         """Group assignments by expert, run each expert once on its rows, add back (eq. 1)."""
-        order_S, counts = group_by_expert(expert_A, self.num_experts)
-        row_S = row_A[order_S]
-        x_SD = gather_rows(x_TD, row_S, self.workspace, "x_SD")
-        y_TO = self.experts.forward_and_combine(x_SD, counts, row_S, gate_A[order_S], x_TD.shape[0],
-                                                self.workspace)
-        return y_TO, row_S
+        return backend.experts_and_combine(self.experts, self.num_experts, x_TD, row_A, expert_A,
+                                           gate_A, self.workspace)
 
     def _stats(self, importance, load, counts, aux_loss, num_tokens, unrouted) -> MoEStats:
         importance = self.sum_over_workers(importance)
@@ -142,25 +151,28 @@ class MoELayer(MoELayerBase):
         noise_epsilon: added to softplus(x·W_noise) as in the reference code.
         w_importance, w_load: weights of the two balance losses (paper: 0.1 for LM, 0.01 for MT).
         recompute_activations: recompute expert hidden activations in backward (App. D).
+        backend: "auto" | "loop" | "grouped_mm" | "triton" (see ``MoELayerBase``).
     """
 
     def __init__(self, input_dim: int, output_dim: int, num_experts: int, hidden_dim: int,
                  k: int = 4, gating: str = "noisy_top_k", num_hidden_layers: int = 1,
                  noise_epsilon: float = 1e-2, w_importance: float = 0.1, w_load: float = 0.1,
-                 recompute_activations: bool = False):
+                 recompute_activations: bool = False, backend: Optional[str] = None):
         check_layer_args(gating, noise_epsilon, w_importance, w_load, input_dim=input_dim,
                          output_dim=output_dim, num_experts=num_experts, hidden_dim=hidden_dim,
                          num_hidden_layers=num_hidden_layers)
         check_k("k", k, num_experts, "num_experts")
         super().__init__(input_dim, output_dim, num_experts, hidden_dim, num_hidden_layers,
-                         w_importance, w_load, recompute_activations)
+                         w_importance, w_load, recompute_activations, backend)
         self.k, self.gating = k, gating
         self.gate = build_gate(gating, input_dim, num_experts, k, noise_epsilon)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         x_TD, valid_T = self._flatten(x, padding_mask)
-        decision = self.gate(x_TD, valid_T)  # G(x): sparse (row, expert, gate) assignments
-        y_TO, row_S = self._experts_and_combine(x_TD, decision.row_A, decision.expert_A,
+        backend = self.experts_backend(x_TD)
+        # G(x): sparse (row, expert, gate) assignments
+        decision = self.gate(x_TD, valid_T, resident=backend.resident)
+        y_TO, row_S = self._experts_and_combine(backend, x_TD, decision.row_A, decision.expert_A,
                                                 decision.gate_A)
         stats = self._stats(decision.importance_E, decision.load_E, decision.counts_E,
                             decision.aux_loss, decision.num_rows,
@@ -168,4 +180,4 @@ class MoELayer(MoELayerBase):
         return y_TO.reshape(*x.shape[:-1], self.output_dim), stats
 
     def extra_repr(self) -> str:
-        return f"gating={self.gating}, k={self.k}"
+        return f"gating={self.gating}, k={self.k}, backend={self.backend}"

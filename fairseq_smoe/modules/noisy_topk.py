@@ -20,11 +20,8 @@ derivatives of the formulas above, the same as autograd's (tests/test_moe_formul
 them against autograd through ``balance.smooth_load``, tests/test_moe_layer.py the whole layer
 against a dense reference).
 
-Noise (``gate_noise``) is drawn from the global generator's stream: on CPU one seed is drawn from
-it per call, and each block of ``NOISE_BLOCK_ROWS`` rows draws from its own generator seeded
-with seed + block index, so blocks can draw in parallel and the noise does not depend on the
-number of threads; ``torch.manual_seed`` makes it reproducible. On other devices it is one
-``torch.randn`` on the device's generator.
+Noise (``gate_noise``) is one ``torch.randn`` on the device's generator, the same for every expert
+backend; ``torch.manual_seed`` makes it reproducible.
 """
 
 import math
@@ -37,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from . import threads
 from .workspace import Workspace
 
-NOISE_BLOCK_ROWS = 256
+NOISE_BLOCK_ROWS = 256  # rows per block of the earlier per-block noise streams (tests read it)
 _INV_SQRT2 = 0.5**0.5
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Elements per block of the fused pass (1 MiB per fp32 temporary): measured fastest here among
@@ -54,22 +51,12 @@ def _empty(workspace: Optional[Workspace], name, shape, dtype, device) -> torch.
 
 def gate_noise(rows: int, num_experts: int, dtype: torch.dtype, device: torch.device,
                workspace: Optional[Workspace] = None) -> torch.Tensor:
-    """N(0, 1) noise [rows, num_experts] for the noisy gate (see the module docstring)."""
-    device = torch.device(device)
-    if device.type != "cpu":
-        return torch.randn(rows, num_experts, dtype=dtype, device=device)
-    noise_TE = _empty(workspace, "noise", (rows, num_experts), dtype, device)
-    seed = int(torch.randint(0, 2**62, ()))  # advances the global generator, once
-    blocks = [range(start, min(start + NOISE_BLOCK_ROWS, rows))
-              for start in range(0, rows, NOISE_BLOCK_ROWS)]
-
-    def draw(b: int, rows_b: range):
-        generator = torch.Generator().manual_seed(seed + b)
-        torch.randn((len(rows_b), num_experts), generator=generator, dtype=dtype,
-                    out=noise_TE[rows_b.start : rows_b.stop])
-
-    threads.for_each(blocks, draw, device)
-    return noise_TE
+    """N(0, 1) noise [rows, num_experts] for the noisy gate: one ``torch.randn`` on the device's
+    generator (into a reused buffer on CPU), so every expert backend draws the same noise and no
+    seed is read back to the host. On CPU it does not depend on the thread count (torch's CPU
+    normal sampler is serial) and is as fast as the per-block generators it replaced."""
+    noise_TE = _empty(workspace, "noise", (rows, num_experts), dtype, torch.device(device))
+    return torch.randn((rows, num_experts), dtype=dtype, device=device, out=noise_TE)
 
 
 def _row_blocks(rows: int, num_experts: int, device: torch.device,
@@ -128,7 +115,8 @@ class _NoisyTopK(torch.autograd.Function):
     is summed per segment of rows (``segment_rows``, G segments)."""
 
     @staticmethod
-    def forward(ctx, logits_T2E, noise_TE, valid_T, k, eps, workspace, segment_rows):
+    def forward(ctx, logits_T2E, noise_TE, valid_T, k, eps, workspace, segment_rows, single_pass,
+                segment_T, num_segments):
         T, E = noise_TE.shape
         dtype, device = logits_T2E.dtype, logits_T2E.device
         top_values_TK1 = torch.empty(T, k + 1, dtype=dtype, device=device)
@@ -136,8 +124,11 @@ class _NoisyTopK(torch.autograd.Function):
         top_noise_TK1 = torch.empty(T, k + 1, dtype=dtype, device=device)
         gate_TK = torch.empty(T, k, dtype=dtype, device=device)
         std_TE = _empty(workspace, "std", (T, E), dtype, device)  # saved: softplus is costly
-        blocks = _row_blocks(T, E, device, segment_rows)
+        blocks = [(0, range(0, T))] if single_pass else _row_blocks(T, E, device, segment_rows)
         load_BE = torch.zeros(max(len(blocks), 1), E, dtype=dtype, device=device)
+        # Segments given on the device: the load of row t goes to segment segment_T[t]
+        # (num_segments = dropped).
+        load_GE = None if segment_T is None else load_BE.new_zeros(num_segments + 1, E)
 
         def work(b, block):
             r = slice(block[1].start, block[1].stop)
@@ -154,15 +145,24 @@ class _NoisyTopK(torch.autograd.Function):
             prob = z.mul_(-_INV_SQRT2).erfc_().mul_(0.5)  # Φ(z) = erfc(−z/√2)/2, eq. (9)
             if valid_T is not None:
                 prob.mul_(valid_T[r, None])
-            torch.sum(prob, dim=0, out=load_BE[b])  # this block's share of eq. (10)
+            if load_GE is not None:
+                load_GE.index_add_(0, segment_T[r], prob)
+            else:
+                torch.sum(prob, dim=0, out=load_BE[b])  # this block's share of eq. (10)
 
         threads.for_each(blocks, work, device)
-        num_segments = 1 if segment_rows is None else len(segment_rows)
-        block_segment_B = torch.tensor([seg for seg, _ in blocks] or [0], device=device)
-        load_GE = load_BE.new_zeros(num_segments, E).index_add_(0, block_segment_B, load_BE)
+        if load_GE is not None:
+            load_GE = load_GE[:num_segments]
+        elif single_pass:
+            load_GE = load_BE
+        else:
+            num_segments = 1 if segment_rows is None else len(segment_rows)
+            block_segment_B = torch.tensor([seg for seg, _ in blocks] or [0], device=device)
+            load_GE = load_BE.new_zeros(num_segments, E).index_add_(0, block_segment_B, load_BE)
         ctx.save_for_backward(logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1,
-                              gate_TK, valid_T)
+                              gate_TK, valid_T, segment_T)
         ctx.k, ctx.workspace, ctx.segment_rows = k, workspace, segment_rows
+        ctx.single_pass = single_pass
         expert_TK = top_experts_TK1[:, :k]
         ctx.mark_non_differentiable(expert_TK)
         return gate_TK, expert_TK, load_GE
@@ -171,16 +171,21 @@ class _NoisyTopK(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_gate_TK, _grad_expert, grad_load_GE):
         (logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1, gate_TK,
-         valid_T) = ctx.saved_tensors
+         valid_T, segment_T) = ctx.saved_tensors
         k = ctx.k
         T, E = std_TE.shape
         device = logits_T2E.device
         grad_T2E = _empty(ctx.workspace, "grad_logits", logits_T2E.shape, logits_T2E.dtype, device)
         grad_load_GE = grad_load_GE.to(logits_T2E.dtype)
+        if segment_T is not None:  # each row's segment's load gradient; dropped rows get 0
+            grad_load_GE = torch.cat([grad_load_GE, grad_load_GE.new_zeros(1, E)])
 
         def work(b, block):
             segment, r = block[0], slice(block[1].start, block[1].stop)
-            grad_load_1E = grad_load_GE[segment : segment + 1]
+            if segment_T is not None:
+                grad_load_1E = grad_load_GE.index_select(0, segment_T[r])
+            else:
+                grad_load_1E = grad_load_GE[segment : segment + 1]
             clean, raw, std = logits_T2E[r, :E], logits_T2E[r, E:], std_TE[r]
             top_experts = top_experts_TK1[r]
             z = _margin(clean, std, top_values_TK1[r], top_experts, k)
@@ -207,13 +212,15 @@ class _NoisyTopK(torch.autograd.Function):
             torch.ops.aten.softplus_backward.grad_input(
                 grad_std, raw, 1.0, _SOFTPLUS_THRESHOLD, grad_input=grad_T2E[r, E:])
 
-        threads.for_each(_row_blocks(T, E, device, ctx.segment_rows), work, device)
-        return grad_T2E, None, None, None, None, None, None
+        blocks = [(0, range(0, T))] if ctx.single_pass else _row_blocks(T, E, device, ctx.segment_rows)
+        threads.for_each(blocks, work, device)
+        return grad_T2E, None, None, None, None, None, None, None, None, None
 
 
 def noisy_top_k(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optional[torch.Tensor],
                 k: int, noise_epsilon: float, workspace: Optional[Workspace] = None,
-                segment_rows: Optional[Sequence[int]] = None):
+                segment_rows: Optional[Sequence[int]] = None, single_pass: bool = False,
+                segment_T: Optional[torch.Tensor] = None, num_segments: int = 0):
     """Noisy top-k gate values, experts and smooth load (eq. 3-5, 8-10) for k < n.
 
     ``logits_T2E`` is x·[W_g | W_noise] (float32 or float64), ``noise_TE`` N(0,1) draws (see
@@ -222,14 +229,18 @@ def noisy_top_k(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optio
 
     With ``segment_rows`` (counts of consecutive rows adding up to T) the rows are G separate
     batches gated alike, e.g. the X^(i) of a hierarchical layer's groups (App. B), and the load
-    is per segment: load_GE [G, E]."""
+    is per segment: load_GE [G, E]. ``segment_T`` (long [T], values 0..G, G = dropped) with
+    ``num_segments`` = G says the same from the device, read by no host code; ``single_pass``
+    runs all rows as one block (the device-resident path: kernels per step independent of T)."""
     E = noise_TE.shape[1]
     if not 0 < k < E:
         raise ValueError(f"noisy_top_k needs 0 < k < number of experts; got k={k}, {E} experts")
     if logits_T2E.shape != (noise_TE.shape[0], 2 * E):
         raise ValueError(f"logits must be [{noise_TE.shape[0]}, {2 * E}] for noise {list(noise_TE.shape)};"
                          f" got {list(logits_T2E.shape)}")
-    if segment_rows is not None:
+    if segment_T is not None:
+        single_pass = True
+    elif segment_rows is not None:
         segment_rows = tuple(int(n) for n in segment_rows)
         if min(segment_rows, default=0) < 0 or sum(segment_rows) != noise_TE.shape[0]:
             raise ValueError(f"segment_rows must be row counts >= 0 adding up to the "
@@ -238,5 +249,5 @@ def noisy_top_k(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optio
         valid_T = valid_T.to(logits_T2E.dtype)
     gate_TK, expert_TK, load_GE = _NoisyTopK.apply(
         logits_T2E.contiguous(), noise_TE.to(logits_T2E.dtype).contiguous(), valid_T, k,
-        noise_epsilon, workspace, segment_rows)
-    return gate_TK, expert_TK, load_GE[0] if segment_rows is None else load_GE
+        noise_epsilon, workspace, segment_rows, single_pass, segment_T, num_segments)
+    return gate_TK, expert_TK, load_GE[0] if segment_rows is None and segment_T is None else load_GE

@@ -1,0 +1,99 @@
+"""Expert backends: how the experts' grouped products and the token routing around them run.
+
+The MoE math (gates, balance losses, the layers) lives in ``fairseq_smoe.modules``; this package
+holds the machinery that makes it fast on a given device, behind one small interface. A layer
+picks a backend by name (``MoELayer(..., backend="auto")``, default ``SMOE_EXPERTS_BACKEND``,
+``--moe-experts-backend`` in the fairseq models):
+
+    loop        the CPU path: routing counts on the host, one matrix product per expert spread
+                over the intra-op threads, reused buffers (loop.py, threads.py, workspace.py)
+    grouped_mm  ``torch._grouped_mm``, one grouped product per expert layer, never more than
+                1024 groups per call (grouped_mm.py)
+    triton      our Triton kernels for the grouped products, forward, input and weight gradient,
+                fp32/fp16/bf16, any CUDA arch Triton supports; on CPU they run under the Triton
+                interpreter (triton_experts.py)
+    auto        ``loop`` on CPU; on CUDA ``grouped_mm`` for bf16 weights on compute capability
+                9.x, else ``triton`` (``loop`` when triton is not installed)
+
+``grouped_mm`` and ``triton`` share the device-resident routing of resident.py: counts, offsets
+and the token permutation stay on the device, every shape is fixed by the input (top-k gating
+always makes T·k assignments; padding goes to a dropped tail), so a training step reads nothing
+back to the host and issues the same number of kernels whatever the number of experts, groups
+or tokens. The backend, not the device type, selects the code path: every backend runs on CPU.
+
+Interface (``get_backend(name, device, dtype, dims)`` returns one of these objects):
+
+    backend.name, backend.resident
+    backend.group(key_A, num_groups) -> Grouping          sort assignments by group
+    backend.gather(x_TD, row_S, workspace, name) -> x_SD   rows of x in that order
+    backend.grouped_matmul(x_SD, grouping, weight_GIO)     one weight per group, no bias
+    backend.experts_and_combine(experts, num_experts, x_TD, row_A, expert_A, gate_A, workspace)
+        -> (y_TO, row_S): Σ_i G(x)_i E_i(x) (eq. 1) and the row of every kept assignment
+"""
+
+import os
+from typing import Sequence
+
+import torch
+
+BACKENDS = ("auto", "loop", "grouped_mm", "triton")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def default_backend() -> str:
+    """``SMOE_EXPERTS_BACKEND`` from the environment (default ``auto``)."""
+    value = os.environ.get("SMOE_EXPERTS_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"SMOE_EXPERTS_BACKEND must be one of {', '.join(BACKENDS)}; got "
+                         f"{os.environ['SMOE_EXPERTS_BACKEND']!r}")
+    return value
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ()) -> str:
+    """The concrete backend ``name`` means for weights of ``dtype`` on ``device``."""
+    check_backend(name)
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "loop"
+    from . import grouped_mm
+
+    if dtype == torch.bfloat16 and grouped_mm.fast_on(device, dtype, dims):
+        return "grouped_mm"
+    return "triton" if triton_available() else "loop"
+
+
+_BACKENDS = {}
+
+
+def get_backend(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ()):
+    """The backend object for ``name`` (resolving ``auto``); checks what it needs (triton
+    installed, ``torch._grouped_mm`` present, aligned sizes) with a clear error."""
+    concrete = resolve(name, device, dtype, dims)
+    if concrete == "grouped_mm":
+        from . import grouped_mm
+
+        grouped_mm.check_usable(dtype, dims)
+    if concrete not in _BACKENDS:
+        if concrete == "loop":
+            from .loop import LoopBackend as cls
+        elif concrete == "grouped_mm":
+            from .grouped_mm import GroupedMMBackend as cls
+        else:
+            from .triton_experts import TritonBackend as cls
+        _BACKENDS[concrete] = cls()
+    return _BACKENDS[concrete]

@@ -1,0 +1,86 @@
+"""Counting what a step costs a GPU, measurable on CPU: host reads and kernel launches.
+
+    with count_step() as counts:
+        y, stats = layer(x); (y.sum() + stats.loss).backward()
+    counts.host_reads   # list of what read a device value back to the host
+    counts.aten_ops     # ATen operators dispatched (the launch proxy: about one kernel each)
+    counts.launches     # Triton kernel launches (ops/triton_experts.py)
+
+Host reads are the calls that would synchronise with a GPU: ``Tensor.tolist/item/__int__/
+__float__/__bool__/__index__`` and the operators that read a value back to size their output
+or to return it (``_local_scalar_dense``, ``nonzero``, ``bincount``, ``masked_select``,
+``repeat_interleave`` without ``output_size``, ``unique``...). ATen operators are counted by a
+``TorchDispatchMode``, forward and backward; views count too (they cost no kernel, but a per-
+expert loop would show up through them as well).
+"""
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique",
+               "_unique", "_unique2", "unique_consecutive", "unique_dim", "nonzero_static_",
+               "histogramdd", "_assert_async"}
+_TENSOR_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+
+
+@dataclass
+class StepCounts:
+    host_reads: List[str] = field(default_factory=list)
+    aten_ops: int = 0
+    launches: int = 0
+
+    @property
+    def kernels(self) -> int:
+        """ATen operators + Triton launches: the per-step launch proxy."""
+        return self.aten_ops + self.launches
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, counts: StepCounts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        self.counts.aten_ops += 1
+        if name in SYNCING_OPS:
+            self.counts.host_reads.append(f"aten.{name}")
+        if name == "repeat_interleave" and (kwargs or {}).get("output_size") is None \
+                and args and isinstance(args[0], torch.Tensor) and len(args) > 1 \
+                and isinstance(args[1], torch.Tensor):
+            self.counts.host_reads.append("aten.repeat_interleave without output_size")
+        return func(*args, **(kwargs or {}))
+
+
+def _launch_count() -> int:
+    module = sys.modules.get("fairseq_smoe.ops.triton_experts")
+    return module.LAUNCHES[0] if module is not None else 0
+
+
+@contextlib.contextmanager
+def count_step():
+    """Count host reads, ATen operators and Triton launches inside the block (see above)."""
+    counts = StepCounts()
+    originals = {name: getattr(torch.Tensor, name) for name in _TENSOR_READS}
+
+    def reader(name, original):
+        def read(self, *args, **kwargs):
+            counts.host_reads.append(f"Tensor.{name}")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, reader(name, original))
+    launches = _launch_count()
+    try:
+        with _Counter(counts):
+            yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        counts.launches = _launch_count() - launches

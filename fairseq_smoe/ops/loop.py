@@ -1,0 +1,44 @@
+"""The ``loop`` backend: today's CPU path (PAPER.md §3, speed).
+
+Routing counts are read to the host once per grouping; every expert runs its own matrix
+products on its block of rows, experts spread over the intra-op threads (threads.py), large
+buffers reused between steps (workspace.py); experts and combine are one autograd Function with
+a hand-written backward (modules/experts.py). On CUDA this would launch a handful of kernels per
+expert and per step: it is the default on CPU only.
+"""
+
+import torch
+
+from .grouping import Grouping
+
+
+class LoopBackend:
+    name = "loop"
+    resident = False
+
+    def group(self, key_A: torch.Tensor, num_groups: int) -> Grouping:
+        from ..modules.dispatch import group_by_expert
+
+        order_S, counts = group_by_expert(key_A, num_groups)
+        return Grouping(order_S, torch.tensor(counts, device=key_A.device), num_groups,
+                        counts=counts, num_assignments=key_A.shape[0])
+
+    def gather(self, x_TD, row_S, workspace=None, name="rows"):
+        from ..modules.dispatch import gather_rows
+
+        return gather_rows(x_TD, row_S, workspace, name)
+
+    def grouped_matmul(self, x_SD, grouping: Grouping, weight_GIO):
+        from ..modules.experts import grouped_matmul
+
+        return grouped_matmul(x_SD, grouping.counts, weight_GIO)
+
+    def experts_and_combine(self, experts, num_experts, x_TD, row_A, expert_A, gate_A,
+                            workspace=None):
+        grouping = self.group(expert_A, num_experts)
+        order_S = grouping.order_S
+        row_S = row_A[order_S]
+        x_SD = self.gather(x_TD, row_S, workspace, "x_SD")
+        y_TO = experts.forward_and_combine(x_SD, grouping.counts, row_S, gate_A[order_S],
+                                           x_TD.shape[0], workspace)
+        return y_TO, row_S

@@ -1,0 +1,107 @@
+"""Device-resident routing shared by the ``grouped_mm`` and ``triton`` backends.
+
+Everything stays on the device and every shape is fixed by the input, so nothing is read back
+to the host and the number of kernels per step does not depend on the routing:
+
+    group      stable argsort of the group index (the dropped sentinel G sorts last),
+               rows per group by a scatter-add, their running sum as int32 offsets
+    gather     one index_select (its backward one index_add)
+    experts    one grouped product per expert layer (the backend's ``linear``), bias and ReLU;
+               rows of the dropped tail come out as 0 and pass no gradient
+    combine    gate-weighted rows added into their token by one index_add
+
+The plain reference each backend's ``linear`` must equal is ``reference_linear`` (a Python loop
+over the groups, host reads and all: for tests only).
+"""
+
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .grouping import Grouping
+
+
+def group(key_A: torch.Tensor, num_groups: int) -> Grouping:
+    """Sort A assignments by ``key_A`` (values 0..G, G = dropped), all on the device."""
+    order_S = torch.argsort(key_A, stable=True)
+    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=key_A.device)
+    counts.scatter_add_(0, key_A, torch.ones_like(key_A))
+    counts_G = counts[:num_groups]
+    offs_G = torch.cumsum(counts_G, 0, dtype=torch.int32)
+    return Grouping(order_S, counts_G, num_groups, offs_G=offs_G,
+                    key_S=key_A.index_select(0, order_S), num_assignments=key_A.shape[0])
+
+
+def reference_linear(x_SD, grouping: Grouping, weight_GIO, bias_GO=None, relu=False):
+    """What every backend's ``linear`` computes, as a loop over groups (reads the counts)."""
+    y = x_SD.new_zeros(x_SD.shape[0], weight_GIO.shape[2])
+    start = 0
+    for g, count in enumerate(grouping.counts_G.tolist()):
+        rows = slice(start, start + count)
+        y[rows] = x_SD[rows] @ weight_GIO[g] + (0 if bias_GO is None else bias_GO[g])
+        start += count
+    return torch.relu(y) if relu else y
+
+
+def _feed_forward(linear, grouping, x_SD, *params):
+    num_layers = len(params) // 2
+    h = x_SD
+    for layer in range(num_layers):
+        h = linear(h, grouping, params[layer], params[num_layers + layer], layer < num_layers - 1)
+    return h
+
+
+class ResidentBackend:
+    """Routing, gather, experts and combine on the device; subclasses give ``linear``."""
+
+    resident = True
+    name = "resident"
+
+    def linear(self, x_SD: torch.Tensor, grouping: Grouping, weight_GIO: torch.Tensor,
+               bias_GO: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def group(self, key_A: torch.Tensor, num_groups: int) -> Grouping:
+        return group(key_A, num_groups)
+
+    def gather(self, x_TD, row_S, workspace=None, name=None):
+        return x_TD.index_select(0, row_S)
+
+    def grouped_matmul(self, x_SD, grouping: Grouping, weight_GIO):
+        """Rows of group g times ``weight_GIO[g]`` (hierarchical secondary gate projections)."""
+        return self.linear(x_SD, grouping, weight_GIO, None, False)
+
+    def experts_and_combine(self, experts, num_experts, x_TD, row_A, expert_A, gate_A,
+                            workspace=None):
+        num_rows = x_TD.shape[0]
+        if experts.num_experts != num_experts:  # expert parallelism: split sizes on the host
+            return self._expert_parallel(experts, num_experts, x_TD, row_A, expert_A, gate_A,
+                                         workspace)
+        grouping = self.group(expert_A, num_experts)
+        row_S = row_A.index_select(0, grouping.order_S)
+        gate_S = gate_A.index_select(0, grouping.order_S)
+        weights, biases = list(experts.weights), list(experts.biases)
+        dtype = weights[0].dtype
+        with torch.autocast(x_TD.device.type, enabled=False):  # the experts run in their dtype
+            x_SD = self.gather(x_TD, row_S).to(dtype)
+            if experts.recompute_activations and torch.is_grad_enabled():  # App. D
+                y_SO = checkpoint(_feed_forward, self.linear, grouping, x_SD, *weights, *biases,
+                                  use_reentrant=False)
+            else:
+                y_SO = _feed_forward(self.linear, grouping, x_SD, *weights, *biases)
+            weighted_SO = y_SO * gate_S.to(dtype)[:, None]
+            y_TO = weighted_SO.new_zeros(num_rows, y_SO.shape[1]).index_add(0, row_S, weighted_SO)
+        return y_TO.to(x_TD.dtype), row_S
+
+    def _expert_parallel(self, experts, num_experts, x_TD, row_A, expert_A, gate_A, workspace):
+        # The all-to-all needs the split sizes on the host: one read (ExpertParallelExperts
+        # exchanges them and runs its local experts through the expert loop).
+        grouping = self.group(expert_A, num_experts)
+        counts = grouping.counts_G.tolist()
+        kept = sum(counts)
+        order_S = grouping.order_S[:kept]
+        row_S = row_A[order_S]
+        x_SD = self.gather(x_TD, row_S)
+        return experts.forward_and_combine(x_SD, counts, row_S, gate_A[order_S], x_TD.shape[0],
+                                           workspace), row_S

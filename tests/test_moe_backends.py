@@ -1,0 +1,339 @@
+"""Expert backends (fairseq_smoe/ops): ``grouped_mm`` and ``triton`` equal the ``loop`` backend and
+the dense reference (outputs, balance statistics, every gradient), and their device-resident
+training step reads nothing back to the host and issues as many operators for 8 experts as for
+32, for 16 tokens as for 48.
+
+Everything runs on CPU: ``triton`` under the Triton interpreter (tiny shapes: it is slow),
+``grouped_mm`` through torch's CPU ``_grouped_mm``. The ``gpu`` marker runs the same tests on CUDA
+(deselected here by pyproject's addopts; ``scripts/gpu_check.sh`` runs them with
+``TRITON_INTERPRET=0``).
+"""
+
+import os
+
+# Before triton is imported anywhere (it reads this when a kernel is defined). Only
+# fairseq_smoe.ops.triton_experts imports triton, and only CPU tensors reach it here.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from moe_reference import dense_hierarchical_moe, dense_moe  # noqa: E402
+
+from fairseq_smoe import ops  # noqa: E402
+from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer  # noqa: E402
+from fairseq_smoe.ops import grouped_mm as grouped_mm_module  # noqa: E402
+from fairseq_smoe.ops.counting import count_step  # noqa: E402
+
+BACKENDS = ["grouped_mm", "triton"]
+GATINGS = ["noisy_top_k", "top_k", "softmax", "batchwise"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+FP32 = dict(atol=1e-5, rtol=1e-5)
+
+
+def randomise_gates(layer, scale=1.0):
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "w_gate" in name or "w_noise" in name:
+                p.copy_(torch.randn_like(p) * scale)
+            if "log_thresholds" in name:
+                p.copy_(torch.log(torch.rand_like(p) * 2 / p.numel()))
+    return layer
+
+
+def build(kind, gating, backend, device="cpu", dtype=torch.float32, recompute=False, **sizes):
+    """Sizes are multiples of 8: _grouped_mm's 16-byte rows in bf16 (secondary gate products in
+    fp32: b = 4 columns)."""
+    torch.manual_seed(0)
+    if kind == "flat":
+        layer = MoELayer(8, 8, sizes.get("num_experts", 6), hidden_dim=16, k=2, gating=gating,
+                         num_hidden_layers=sizes.get("layers", 1), w_importance=0.3, w_load=0.2,
+                         recompute_activations=recompute, backend=backend)
+    else:
+        layer = HierarchicalMoELayer(8, 8, num_groups=sizes.get("groups", 3), experts_per_group=4,
+                                     hidden_dim=16, gating=gating, w_importance=0.3, w_load=0.2,
+                                     recompute_activations=recompute, backend=backend)
+    return randomise_gates(layer).to(device=device, dtype=dtype).train()
+
+
+def pair(kind, gating, backend, **kw):
+    """(loop layer, the same parameters on ``backend``)."""
+    loop = build(kind, gating, "loop", **kw)
+    other = build(kind, gating, backend, **kw)
+    other.load_state_dict(loop.state_dict())
+    return loop, other
+
+
+def padding_for(shape, device="cpu"):
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    mask[0, -2:] = True
+    mask[-1, -1:] = True
+    return mask
+
+
+def step(layer, x, mask, seed=11):
+    """Outputs, stats and the gradients of one objective w.r.t. x and every parameter."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y, stats = layer(x, mask)
+    target = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape).to(y.dtype)
+    ((y * target).sum() + stats.loss).backward()
+    grads = {"x": x.grad}
+    grads.update({n: p.grad for n, p in layer.named_parameters()})
+    return y.detach(), stats, grads
+
+
+def assert_steps_equal(a, b, tol):
+    (y_a, stats_a, grads_a), (y_b, stats_b, grads_b) = a, b
+    torch.testing.assert_close(y_a.float(), y_b.float(), **tol)
+    for name in ("loss", "importance", "load"):
+        torch.testing.assert_close(getattr(stats_a, name).float(), getattr(stats_b, name).float(),
+                                   **tol, msg=name)
+    assert torch.equal(stats_a.counts, stats_b.counts)
+    assert int(stats_a.num_tokens) == int(stats_b.num_tokens)
+    assert int(stats_a.unrouted) == int(stats_b.unrouted)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        g_a, g_b = grads_a[name], grads_b[name]
+        if g_a is None or g_b is None:
+            assert g_a is None and g_b is None, name
+            continue
+        torch.testing.assert_close(g_a.float(), g_b.float(), **tol, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gating", GATINGS)
+@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_equals_loop(backend, kind, gating, device):
+    loop, other = pair(kind, gating, backend, device=device)
+    x = torch.randn(3, 7, 8, device=device)
+    mask = padding_for((3, 7), device)
+    assert_steps_equal(step(other, x, mask), step(loop, x, mask), FP32)
+    if gating == "noisy_top_k":  # and eval (no noise), without padding
+        loop.eval(), other.eval()
+        assert_steps_equal(step(other, x, None), step(loop, x, None), FP32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_equals_dense_reference(backend, kind, device):
+    layer = build(kind, "noisy_top_k", backend, device=device)
+    reference = dense_moe if kind == "flat" else dense_hierarchical_moe
+    x = torch.randn(3, 7, 8, device=device, requires_grad=True)
+    mask = padding_for((3, 7), device)
+    torch.manual_seed(3)
+    y, stats = layer(x, mask)
+    torch.manual_seed(3)
+    y_ref, loss_ref, importance_ref, load_ref = reference(layer, x, mask)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    torch.testing.assert_close(stats.loss, loss_ref.float(), **FP32)
+    torch.testing.assert_close(stats.importance, importance_ref.reshape(stats.importance.shape), **FP32)
+    torch.testing.assert_close(stats.load, load_ref.reshape(stats.load.shape).float(), atol=1e-4, rtol=1e-5)
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad((y * y.detach()).sum() + stats.loss, params, allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * y.detach()).sum() + loss_ref, params, allow_unused=True)
+    for g, g_ref in zip(grads, grads_ref):
+        if g_ref is None:
+            assert g is None or g.abs().max() == 0
+        else:
+            torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_backends_equal_loop(backend, kind, dtype, device):
+    """Same dtype, loose tolerance (the loop rounds per expert product, the kernels per tile)."""
+    loop, other = pair(kind, "noisy_top_k", backend, device=device, dtype=dtype)
+    x = torch.randn(3, 7, 8, device=device, dtype=dtype)
+    mask = padding_for((3, 7), device)
+    assert_steps_equal(step(other, x, mask), step(loop, x, mask), dict(atol=6e-2, rtol=5e-2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deep_experts_recompute_and_empty_experts(backend, device):
+    """Two hidden layers with recomputation (App. D), and 12 experts for 3 tokens (at least 6 get
+    no rows: their gradients are exactly 0, as the loop's)."""
+    loop, other = pair("flat", "top_k", backend, device=device, recompute=True, num_experts=12,
+                       layers=2)
+    x = torch.randn(1, 3, 8, device=device)
+    ours, theirs = step(other, x, None), step(loop, x, None)
+    assert_steps_equal(ours, theirs, FP32)
+    unused = ours[1].counts == 0
+    assert unused.sum() >= 6
+    for name, grad in ours[2].items():
+        if name.startswith("experts."):
+            assert grad[unused].abs().max() == 0, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_than_1024_experts(backend, device, monkeypatch):
+    """1030 experts, some tokens sent past expert 1024: _grouped_mm gets at most 1024 groups per
+    call (the experts in chunks), results equal the loop's."""
+    calls = []
+    original = torch._grouped_mm
+
+    def watched(a, b, *args, **kwargs):
+        calls.append(b.shape[0])
+        return original(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", watched)
+    loop, other = pair("flat", "top_k", backend, device=device, num_experts=1030)
+    with torch.no_grad():
+        for layer in (loop, other):
+            layer.gate.w_gate.mul_(0.1)
+            layer.gate.w_gate[0, 1027] = 20.0  # x[0] > 0: expert 1027 (the second chunk)
+            layer.gate.w_gate[1, 5] = 20.0
+    x = torch.randn(2, 8, 8, device=device)
+    ours = step(other, x, None)
+    assert_steps_equal(ours, step(loop, x, None), FP32)
+    assert ours[1].counts[1024:].sum() > 0 and ours[1].counts[:1024].sum() > 0
+    if backend == "grouped_mm":
+        assert calls and max(calls) <= grouped_mm_module.MAX_GROUPS
+        assert 1030 - 1024 in calls  # the second chunk ran
+    else:
+        assert calls == []
+
+
+def _resident_step(layer, x, mask, dry_run=False):
+    """Counts of one training step. ``dry_run``: Triton launches are counted, not run (what a
+    resident step issues never depends on the values; checked below)."""
+    if dry_run and layer.backend == "triton" and x.device.type == "cpu":
+        from fairseq_smoe.ops import triton_experts
+
+        triton_experts.DRY_RUN[0] = True
+    try:
+        with count_step() as counts:
+            y, stats = layer(x, mask)
+            (y.square().sum() + stats.loss).backward()
+    finally:
+        if dry_run and layer.backend == "triton" and x.device.type == "cpu":
+            triton_experts.DRY_RUN[0] = False
+    return counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gating", GATINGS)
+@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_step_reads_nothing_back(backend, kind, gating, device):
+    """No Tensor.tolist/item/__int__/__bool__, no nonzero/bincount/_local_scalar_dense in forward +
+    backward; batchwise reads m (one number per level: the primary m, the groups' counts)."""
+    layer = build(kind, gating, backend, device=device)
+    x = torch.randn(3, 7, 8, device=device, requires_grad=True)
+    mask = padding_for((3, 7), device)
+    _resident_step(layer, x, mask)  # first call: lazy imports, kernel compilation
+    reads = _resident_step(layer, x, mask).host_reads
+    if gating != "batchwise":
+        assert reads == []
+    else:
+        levels = 1 if kind == "flat" else 2
+        distinct = [r for r in reads if r in ("Tensor.__int__", "Tensor.tolist")]
+        assert len(distinct) == levels, reads
+    loop_reads = _resident_step(build(kind, gating, "loop", device=device), x, mask).host_reads
+    assert "Tensor.tolist" in loop_reads  # the loop reads its counts: the counter does see reads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gating", ["noisy_top_k", "top_k", "softmax"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operator_count_is_flat_in_experts_and_tokens(backend, gating, device):
+    def kernels(num_experts, tokens, dry_run=True):
+        layer = build("flat", gating, backend, device=device, num_experts=num_experts)
+        x = torch.randn(tokens // 8, 8, 8, device=device, requires_grad=True)
+        mask = padding_for((tokens // 8, 8), device)
+        _resident_step(layer, x, mask, dry_run)
+        layer.zero_grad(set_to_none=True)
+        return _resident_step(layer, x, mask, dry_run).kernels
+
+    base = kernels(8, 16)
+    assert kernels(8, 16, dry_run=False) == base
+    assert kernels(32, 16) == base
+    assert kernels(8, 48) == base
+    if backend == "triton":
+        assert 0 < _resident_step(build("flat", gating, backend, device=device),
+                                  torch.randn(2, 8, device=device), None).launches <= 8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gating", ["noisy_top_k", "top_k", "softmax"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hierarchical_operator_count_is_flat_in_tokens_and_groups(backend, gating, device):
+    """Flat in tokens; in groups only autograd's per-parameter bookkeeping of the a secondary
+    gates' parameters remains (they are separate nn.Parameters): per parameter the view that
+    ``stack``'s backward hands it and its gradient's copy (with noise the cat's view too). The
+    secondary products, top-k and load are one pass for all groups."""
+    def kernels(groups, tokens):
+        layer = build("hierarchical", gating, backend, device=device, groups=groups)
+        x = torch.randn(tokens // 8, 8, 8, device=device, requires_grad=True)
+        mask = padding_for((tokens // 8, 8), device)
+        _resident_step(layer, x, mask, dry_run=True)
+        layer.zero_grad(set_to_none=True)
+        return _resident_step(layer, x, mask, dry_run=True).kernels
+
+    per_gate = 2 * 3 if gating == "noisy_top_k" else 2
+    base = kernels(4, 16)
+    assert kernels(4, 48) == base
+    assert kernels(8, 16) - base == per_gate * 4
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    assert ops.resolve("auto", cpu, torch.bfloat16) == "loop"
+    assert ops.resolve("auto", cpu, torch.float32) == "loop"
+    for name in ("loop", "grouped_mm", "triton"):
+        assert ops.resolve(name, cpu, torch.float32) == name
+        assert MoELayer(8, 8, 4, 16, k=2, backend=name).experts_backend(torch.zeros(1)).name == name
+    assert not grouped_mm_module.fast_on(cpu, torch.bfloat16, [8, 16])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MoELayer(8, 8, 4, 16, backend="fast")
+    monkeypatch.setenv("SMOE_EXPERTS_BACKEND", "triton")
+    assert MoELayer(8, 8, 4, 16, k=2).backend == "triton"
+    assert MoELayer(8, 8, 4, 16, k=2, backend="loop").backend == "loop"
+    monkeypatch.setenv("SMOE_EXPERTS_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="SMOE_EXPERTS_BACKEND must be one of"):
+        MoELayer(8, 8, 4, 16)
+    monkeypatch.delenv("SMOE_EXPERTS_BACKEND")
+    layer = MoELayer(8, 8, 4, 12, k=2, backend="grouped_mm").to(torch.bfloat16)  # 12: unaligned
+    with pytest.raises(ValueError, match="multiples of 8"):
+        layer(torch.randn(3, 8, dtype=torch.bfloat16))
+    monkeypatch.delattr(torch, "_grouped_mm")
+    with pytest.raises(RuntimeError, match="needs torch._grouped_mm"):
+        MoELayer(8, 8, 4, 16, k=2, backend="grouped_mm")(torch.randn(3, 8))
+
+
+def test_grouped_mm_auto_only_on_compute_capability_9(monkeypatch):
+    """auto: grouped_mm only for bf16 on sm90-sm9x, triton elsewhere on CUDA (sm80, sm100, sm120)."""
+    cuda = torch.device("cuda", 0)
+    for capability, dtype, expected in [((9, 0), torch.bfloat16, "grouped_mm"),
+                                        ((9, 0), torch.float16, "triton"),
+                                        ((9, 0), torch.float32, "triton"),
+                                        ((8, 0), torch.bfloat16, "triton"),
+                                        ((10, 0), torch.bfloat16, "triton"),
+                                        ((12, 0), torch.bfloat16, "triton")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert ops.resolve("auto", cuda, dtype, [512, 1024]) == expected, (capability, dtype)
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    assert ops.resolve("auto", cuda, torch.float32) == "loop"
+
+
+def test_model_option_reaches_the_layer():
+    import argparse
+
+    from fairseq_smoe.moe_args import add_moe_args, build_moe_layer, set_moe_defaults
+
+    parser = argparse.ArgumentParser()
+    add_moe_args(parser)
+    for flags, expected in [(["--moe-experts-backend", "triton"], "triton"), ([], "auto"),
+                            (["--moe-experts-backend", "grouped_mm", "--moe-groups", "2"],
+                             "grouped_mm")]:
+        args = parser.parse_args(["--moe-num-experts", "4", "--moe-k", "2", *flags])
+        set_moe_defaults(args)
+        assert build_moe_layer(args, 8).backend == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--moe-experts-backend", "cuda"])
