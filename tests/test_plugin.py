@@ -183,3 +183,20 @@ def test_every_patch_is_documented_with_its_switch():
     for patch in compat.PATCHES:
         assert f"`{patch.variable}=0`" in page, patch.name
         assert patch.module.split(".")[-1] in page, patch.module
+
+
+def test_install_requirements_have_no_exact_pins_and_admit_the_tested_torch():
+    from unittest import mock
+
+    from packaging.requirements import Requirement
+
+    captured = {}
+    with mock.patch("setuptools.setup", lambda **kw: captured.update(kw)):
+        exec(compile(open(os.path.join(ROOT, "setup.py")).read(), "setup.py", "exec"), {})
+    requirements = [Requirement(r) for r in captured["install_requires"]]
+    assert not [r for r in requirements if any(s.operator in ("==", "===") for s in r.specifier)]
+    torch_req = next(r for r in requirements if r.name == "torch")
+    assert torch_req.specifier.contains("2.5.1") and torch_req.specifier.contains("2.13.0")
+    assert not torch_req.specifier.contains("2.4.1")
+    assert captured["extras_require"]["tensorboard"] == ["tensorboardX"]
+    assert {"pytest", "ruff"} <= set(captured["extras_require"]["test"])

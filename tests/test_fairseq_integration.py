@@ -1,0 +1,95 @@
+"""fairseq's own tooling around the plugin: --tensorboard-logdir gets every moe_ metric, the
+validation loss is the model's loss, a plain criterion warns, fairseq-hydra-train runs."""
+
+import glob
+import os
+import re
+
+import pytest
+from conftest import ROOT
+from test_lm_e2e import cli, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
+
+pytestmark = pytest.mark.slow
+
+MOE_TAGS = ["moe_loss", "moe_cv_imp", "moe_cv_load", "moe_max_load", "moe_min_load", "moe_dead",
+            "moe_unrouted"]
+
+
+def stat(line, name):
+    found = re.search(rf"(?:^|\| |\s){name}[ =]([-\d.]+)", line)
+    assert found, f"{name} not in {line}"
+    return float(found.group(1))
+
+
+def test_tensorboard_has_every_moe_metric_and_valid_loss_is_the_nll(corpus, tmp_path):  # noqa: F811
+    data, _ = corpus
+    logdir = tmp_path / "tb"
+    out = train(data / "bin", tmp_path / "ckpt", "lstm_moe_lm_tiny", 8,
+                "--tensorboard-logdir", logdir, "--log-interval", 4)
+    assert "tensorboard or required dependencies not found" not in out
+    valid = [line for line in out.splitlines() if "valid on 'valid' subset" in line][-1]
+    # No label smoothing: the validation loss is the NLL; the balance term is logged apart.
+    assert stat(valid, "loss") == pytest.approx(stat(valid, "nll_loss"), abs=1.5e-3)
+    assert stat(valid, "moe_loss") > 0
+    assert "moe_balance" not in out and "moe_importance" not in out  # no duplicate, no vectors
+    for split in ("train", "valid"):
+        files = glob.glob(str(logdir / split / "events.out.tfevents.*"))
+        assert files, f"no {split} events in {logdir}"
+        content = b"".join(open(f, "rb").read() for f in files)
+        missing = [tag for tag in MOE_TAGS if tag.encode() not in content]
+        assert not missing, (split, missing)
+        assert b"loss" in content and b"nll_loss" in content
+
+
+def test_a_criterion_that_ignores_the_balance_losses_warns_once(corpus, tmp_path):  # noqa: F811
+    data, _ = corpus
+    out = cli("fairseq-train", data / "bin", "--user-dir", "fairseq_smoe", "--task",
+              "language_modeling", "--arch", "lstm_moe_lm_tiny", "--criterion", "cross_entropy",
+              "--optimizer", "adam", "--lr", 0.01, "--tokens-per-sample", 32, "--max-tokens", 512,
+              "--max-update", 2, "--cpu", "--num-workers", 0, "--log-format", "simple",
+              "--save-dir", tmp_path / "ckpt", "--no-save")
+    warnings = [line for line in out.splitlines() if "ignores their balance losses" in line]
+    assert len(warnings) == 1, out[-3000:]
+    assert "--criterion smoe_cross_entropy" in warnings[0] and "CrossEntropyCriterion" in warnings[0]
+    quiet = train(data / "bin", tmp_path / "ckpt2", "lstm_moe_lm_tiny", 2, "--no-save")
+    assert "ignores their balance losses" not in quiet
+
+
+def _reversal_corpus(root):
+    import random
+
+    rng = random.Random(0)
+    symbols = [chr(ord("a") + i) for i in range(12)]
+    for split, count in (("train", 300), ("valid", 30)):
+        with open(root / f"{split}.src", "w") as src, open(root / f"{split}.tgt", "w") as tgt:
+            for _ in range(count):
+                sequence = [rng.choice(symbols) for _ in range(rng.randint(3, 10))]
+                src.write(" ".join(sequence) + "\n")
+                tgt.write(" ".join(reversed(sequence)) + "\n")
+    cli("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
+        "--trainpref", root / "train", "--validpref", root / "valid", "--destdir", root / "bin",
+        "--joined-dictionary", "--workers", 1)
+    return root / "bin"
+
+
+@pytest.mark.parametrize("config", ["language_model/config/wikitext2_demo",
+                                    "translation/config/multi30k_cpu"])
+def test_fairseq_hydra_train_runs_the_shipped_configs(corpus, tmp_path, config):  # noqa: F811
+    directory, name = os.path.split(os.path.join(ROOT, "examples", config))
+    if config.startswith("language_model"):
+        data = corpus[0] / "bin"
+        overrides = ["model._name=lstm_moe_lm_tiny"]
+    else:
+        data = _reversal_corpus(tmp_path)
+        overrides = [f"model.{k}=32" for k in ("encoder_embed_dim", "encoder_hidden_size",
+                                                "attention_dim", "moe_hidden_dim")]
+    save_dir = tmp_path / "ckpt"
+    out = cli("fairseq-hydra-train", "--config-dir", directory, "--config-name", name,
+              f"task.data={data}", f"checkpoint.save_dir={save_dir}", "optimization.max_update=3",
+              "dataset.validate_interval_updates=3", "common.log_interval=1", *overrides)
+    assert "done training" in out, out[-3000:]
+    assert (save_dir / "checkpoint_best.pt").is_file()
+    assert "ignores their balance losses" not in out  # the configs use our criteria
+    valid = [line for line in out.splitlines() if "valid on 'valid' subset" in line][-1]
+    assert "moe_cv_imp" in valid and stat(valid, "num_updates") == 3
+    assert not os.path.exists(os.path.join(ROOT, "outputs", "multi30k-hydra"))  # save_dir obeyed
