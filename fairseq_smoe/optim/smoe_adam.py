@@ -45,7 +45,7 @@ from omegaconf import II, OmegaConf
 
 EXPERT_MOMENTS = ChoiceEnum(["factored", "full"])
 EXPERT_DIM_ATTR = "moe_expert_dim"  # set on FeedForwardExperts parameters: the expert dimension
-CHUNK_ELEMENTS = 1 << 24  # most elements of an expert block updated at once (64 MB of fp32)
+CHUNK_ELEMENTS = 1 << 24  # most elements of one block of a tensor updated at once (64 MB of fp32)
 _HALF = (torch.float16, torch.bfloat16)
 
 
