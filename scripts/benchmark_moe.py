@@ -56,7 +56,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer  # noqa: E402
-from fairseq_smoe.modules.workspace import Workspace  # noqa: E402
+from fairseq_smoe.ops.workspace import Workspace  # noqa: E402
 
 PAPER_CONFIGS = ("moe-4", "moe-32", "moe-256", "moe-256-h", "moe-1024-h")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer
-from fairseq_smoe.modules import workspace as workspace_module
-from fairseq_smoe.modules.workspace import Workspace
+from fairseq_smoe.ops import workspace as workspace_module
+from fairseq_smoe.ops.workspace import Workspace
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_workspace_is_not_copied_or_pickled(reuse_small_buffers):
 def test_experts_split_over_threads_match_one_thread(monkeypatch, kind):
     """The expert loop runs on torch.get_num_threads() threads (experts split by rows); the
     results must not depend on it."""
-    from fairseq_smoe.modules import threads as threads_module
+    from fairseq_smoe.ops import threads as threads_module
 
     def run(threads, split):
         monkeypatch.setattr(threads_module, "ENABLED", split)
@@ -179,7 +179,7 @@ def test_shared_queue_runs_every_item_once_on_every_thread(monkeypatch):
     import threading
     import time
 
-    from fairseq_smoe.modules import threads as threads_module
+    from fairseq_smoe.ops import threads as threads_module
 
     monkeypatch.setattr(threads_module, "ENABLED", True)
     previous = torch.get_num_threads()

@@ -270,7 +270,7 @@ def test_fused_noisy_top_k_per_segment_load_equals_separate_calls(monkeypatch):
 def test_grouped_matmul_equals_one_product_per_block():
     """grouped_matmul (the hierarchical layer's secondary gate projections): block g of rows
     times weight g; values and gradients equal per-block products, empty block included."""
-    from fairseq_smoe.modules.experts import grouped_matmul
+    from fairseq_smoe.ops.loop_experts import grouped_matmul
 
     torch.manual_seed(2)
     counts = [3, 0, 5, 4]

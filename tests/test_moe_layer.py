@@ -248,7 +248,7 @@ def test_two_forwards_before_backward_and_accumulated_gradients(reuse, monkeypat
     # The layer reuses large CPU buffers between steps (workspace.py). Two forward passes whose
     # graphs are both alive, then gradients accumulated over two steps, must equal the same
     # computation done one layer at a time on separate copies.
-    from fairseq_smoe.modules.workspace import Workspace
+    from fairseq_smoe.ops.workspace import Workspace
 
     monkeypatch.setattr(Workspace, "enabled", reuse)
     layer = randomise_gates(MoELayer(64, 32, 8, 256, k=2, gating="top_k"))
@@ -289,9 +289,9 @@ def test_fused_experts_and_combine_equal_experts_then_combine(monkeypatch, recom
     output gradient are formed inside the expert loop) equals the experts followed by
     dispatch.combine: output and the gradients of input, gates and every parameter; also when
     experts with many rows go through backward in chunks (here of 4 rows)."""
-    from fairseq_smoe.modules import experts as experts_module
-    from fairseq_smoe.modules.dispatch import combine
     from fairseq_smoe.modules.experts import FeedForwardExperts
+    from fairseq_smoe.ops import loop_experts as experts_module
+    from fairseq_smoe.ops.loop_dispatch import combine
 
 
     torch.manual_seed(0)
@@ -327,8 +327,8 @@ def test_fused_experts_and_combine_equal_experts_then_combine(monkeypatch, recom
 def test_half_precision_experts_are_not_chunked(monkeypatch):
     """A bf16 weight gradient summed over chunks would be rounded after every chunk: half
     precision keeps one product per expert whatever CHUNK_ROWS is (bit-identical results)."""
-    from fairseq_smoe.modules import experts as experts_module
     from fairseq_smoe.modules.experts import FeedForwardExperts
+    from fairseq_smoe.ops import loop_experts as experts_module
 
     torch.manual_seed(0)
     experts = FeedForwardExperts(3, 8, 16, 8).to(torch.bfloat16)
@@ -344,80 +344,5 @@ def test_half_precision_experts_are_not_chunked(monkeypatch):
         assert torch.equal(big, small)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_mm_path_equals_the_expert_loop(recompute, dtype):
-    """The GPU path (grouped_mm.py: one torch._grouped_mm per layer, autograd's backward), run
-    here through torch's CPU implementation of the operator, equals the expert loop: outputs of
-    forward and forward_and_combine and the gradients of input, gates and every parameter."""
-    from fairseq_smoe.modules.experts import FeedForwardExperts
-
-    torch.manual_seed(0)
-    experts = FeedForwardExperts(6, 8, 16, 8, num_hidden_layers=2,
-                                 recompute_activations=recompute).to(dtype)
-    counts = [3, 0, 9, 1, 5, 6]  # one expert without rows
-    S, T = sum(counts), 11
-    x = torch.randn(S, 8, dtype=dtype, requires_grad=True)
-    gate = torch.rand(S, dtype=dtype, requires_grad=True)
-    row = torch.randint(0, T, (S,))
-    grad_y = {True: torch.randn(T, 8, dtype=dtype), False: torch.randn(S, 8, dtype=dtype)}
-    results = []
-    for mode in ("always", "never"):
-        experts.grouped_mm = mode
-        assert experts._grouped(x) == (mode == "always")
-        outputs = []
-        for fused in (True, False):
-            experts.zero_grad(set_to_none=True)
-            x.grad = gate.grad = None
-            y = experts.forward_and_combine(x, counts, row, gate, T) if fused else experts(x, counts)
-            y.backward(grad_y[fused])
-            outputs += [y.detach(), x.grad, gate.grad, *[p.grad for p in experts.parameters()]]
-        results.append(outputs)
-    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
-    for grouped, loop in zip(*results):
-        if loop is None:
-            assert grouped is None
-            continue
-        torch.testing.assert_close(grouped, loop, **tol)
-    assert results[0][3][1].abs().sum() == 0  # expert 1 had no rows: zero weight gradient
-
-
-@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
-def test_layers_on_the_grouped_mm_path_equal_dense_reference(kind):
-    # Sizes that are multiples of 4 fp32 values: the operator's 16-byte alignment.
-    if kind == "flat":
-        layer = MoELayer(8, 4, num_experts=6, hidden_dim=12, k=2, w_importance=0.3, w_load=0.2)
-    else:
-        layer = HierarchicalMoELayer(8, 4, num_groups=3, experts_per_group=4, hidden_dim=12,
-                                     w_importance=0.3, w_load=0.2)
-    layer = randomise_gates(layer)
-    layer.experts.grouped_mm = "always"
-    reference = dense_moe if kind == "flat" else dense_hierarchical_moe
-    assert_same(layer.train(), reference, torch.randn(3, 9, 8), padding_for((3, 9)))
-
-
-def test_grouped_mm_mode_choice(monkeypatch):
-    from fairseq_smoe.modules import grouped_mm
-
-    cpu = torch.device("cpu")
-    # "auto": only CUDA + bf16 + compute capability >= 9.0; never on this CPU.
-    assert not grouped_mm.use_grouped_mm("auto", cpu, torch.bfloat16)
-    assert grouped_mm.use_grouped_mm("always", cpu, torch.float32)
-    assert not grouped_mm.use_grouped_mm("never", cpu, torch.bfloat16)
-    with pytest.raises(ValueError, match="grouped_mm must be one of"):
-        grouped_mm.use_grouped_mm("fast", cpu, torch.float32)
-    with pytest.raises(ValueError, match="multiples of 8 for torch.bfloat16"):
-        grouped_mm.use_grouped_mm("always", cpu, torch.bfloat16, [512, 1020, 512])
-    layer = make_flat("top_k")  # sizes 8 -> 7 -> 5
-    layer.experts.grouped_mm = "always"
-    with pytest.raises(ValueError, match="multiples of 4"):
-        layer(torch.randn(3, 8))
-    for value, mode in [("1", "always"), ("0", "never"), ("auto", "auto"), ("ALWAYS", "always")]:
-        monkeypatch.setenv("SMOE_GROUPED_MM", value)
-        assert grouped_mm.default_mode() == mode
-    monkeypatch.setenv("SMOE_GROUPED_MM", "maybe")
-    with pytest.raises(ValueError, match="SMOE_GROUPED_MM must be"):
-        grouped_mm.default_mode()
-    monkeypatch.delattr(torch, "_grouped_mm")
-    with pytest.raises(RuntimeError, match="needs torch._grouped_mm"):
-        grouped_mm.use_grouped_mm("always", cpu, torch.float32)
+# The grouped_mm and triton backends (fairseq_smoe/ops) against the loop and the dense reference,
+# their choice and errors: tests/test_moe_backends.py.

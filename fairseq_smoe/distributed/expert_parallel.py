@@ -21,9 +21,9 @@ from typing import Optional, Tuple
 import torch
 from torch import distributed as dist
 
-from ..modules.dispatch import combine
 from ..modules.experts import FeedForwardExperts
 from ..modules.hierarchical_moe import HierarchicalMoELayer
+from ..ops.loop_dispatch import combine
 from .all_to_all import GroupRef, all_to_all, exchange_counts
 
 

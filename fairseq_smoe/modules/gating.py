@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.workspace import Workspace
 from .noisy_topk import gate_noise, noisy_top_k
-from .workspace import Workspace
 
 GATING_MODES = ("noisy_top_k", "top_k", "softmax", "batchwise")
 

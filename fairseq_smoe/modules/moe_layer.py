@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..ops.workspace import Workspace
 from .experts import FeedForwardExperts
 from .gating import GATING_MODES, build_gate
 from .stats import MoEStats, balance_losses, count_unrouted
-from .workspace import Workspace
 
 
 def _this_worker_only(totals: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import threads
-from .workspace import Workspace
+from ..ops import threads
+from ..ops.workspace import Workspace
 
 NOISE_BLOCK_ROWS = 256  # rows per block of the earlier per-block noise streams (tests read it)
 _INV_SQRT2 = 0.5**0.5

@@ -3,8 +3,8 @@
 Routing counts are read to the host once per grouping; every expert runs its own matrix
 products on its block of rows, experts spread over the intra-op threads (threads.py), large
 buffers reused between steps (workspace.py); experts and combine are one autograd Function with
-a hand-written backward (modules/experts.py). On CUDA this would launch a handful of kernels per
-expert and per step: it is the default on CPU only.
+a hand-written backward (loop_experts.py), gather and combine in loop_dispatch.py. On CUDA
+this would launch a handful of kernels per expert and per step: it is the default on CPU only.
 """
 
 import torch
@@ -17,19 +17,19 @@ class LoopBackend:
     resident = False
 
     def group(self, key_A: torch.Tensor, num_groups: int) -> Grouping:
-        from ..modules.dispatch import group_by_expert
+        from .loop_dispatch import group_by_expert
 
         order_S, counts = group_by_expert(key_A, num_groups)
         return Grouping(order_S, torch.tensor(counts, device=key_A.device), num_groups,
                         counts=counts, num_assignments=key_A.shape[0])
 
     def gather(self, x_TD, row_S, workspace=None, name="rows"):
-        from ..modules.dispatch import gather_rows
+        from .loop_dispatch import gather_rows
 
         return gather_rows(x_TD, row_S, workspace, name)
 
     def grouped_matmul(self, x_SD, grouping: Grouping, weight_GIO):
-        from ..modules.experts import grouped_matmul
+        from .loop_experts import grouped_matmul
 
         return grouped_matmul(x_SD, grouping.counts, weight_GIO)
 
