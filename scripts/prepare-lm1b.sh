@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
     --max-train-shards) max_shards="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p;}}' "$0"; exit 0 ;;  # the header, as usage
     *) lm_die "unknown argument $1 (see --help)" ;;
   esac
 done

@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
     --src) src="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p;}}' "$0"; exit 0 ;;  # the header, as usage
     *) lm_die "unknown argument $1 (see --help)" ;;
   esac
 done

@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     --bpe-sample) sample="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
     --no-download) download=0; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p;}}' "$0"; exit 0 ;;  # the header, as usage
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -85,14 +85,17 @@ for name in "${needed[@]}"; do
   fi
   if [ ! -f "$out/orig/.$name.done" ]; then
     say "extracting $name"
-    tar -xf "$archives/$name" -C "$out/orig"
+    tar -xf "$archives/$name" -C "$out/orig" \
+      || die "$archives/$name is corrupt or truncated (tar failed): delete it and run again to download it anew (or copy a good copy of ${url[$name]} there)"
     touch "$out/orig/.$name.done"
   fi
 done
 if [ "$f" = fr ]; then  # giga-fren ships its two sides gzipped inside the tar
   for l in en fr; do
     gz="$out/orig/giga-fren.release2.fixed.$l.gz"
-    if [ -f "$gz" ]; then gzip -d "$gz"; fi
+    if [ -f "$gz" ]; then
+      gzip -d "$gz" || die "$gz is corrupt or truncated (gzip failed): delete $archives/training-giga-fren.tar and $out/orig/.training-giga-fren.tar.done, then run again"
+    fi
   done
 fi
 

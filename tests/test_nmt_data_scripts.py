@@ -40,3 +40,36 @@ def test_prepare_wmt14_needs_a_pair_and_names_missing_archives(tmp_path):
                            "--out", str(tmp_path / "out"), "--no-download")
     assert code != 0
     assert "training-parallel-europarl-v7.tgz" in out and "statmt.org" in out
+
+
+def test_prepare_wmt14_names_the_fix_for_a_corrupt_archive(tmp_path):
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    for name in ("training-parallel-europarl-v7.tgz", "training-parallel-commoncrawl.tgz",
+                 "training-parallel-nc-v9.tgz", "dev.tgz", "test-full.tgz"):
+        (archives / name).write_bytes(b"not a tar archive\n" * 100)
+    code, out = run_script("prepare-wmt14.sh", "--pair", "en-de", "--archives", str(archives),
+                           "--out", str(tmp_path / "out"), "--no-download")
+    assert code != 0
+    line = next(line for line in out.splitlines() if "error:" in line)
+    assert "training-parallel-europarl-v7.tgz is corrupt or truncated" in line
+    assert "delete it and run again" in line
+    assert not (tmp_path / "out" / "orig" / ".training-parallel-europarl-v7.tgz.done").exists()
+
+
+def test_help_of_every_data_script_prints_its_usage_only(tmp_path):
+    for name in sorted(os.listdir(os.path.join(ROOT, "scripts"))):
+        if not (name.startswith("prepare-") and name.endswith(".sh")):
+            continue
+        proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", name), "--help"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stderr == "", (name, proc.stderr)
+        lines = proc.stdout.splitlines()
+        header = []
+        for line in open(os.path.join(ROOT, "scripts", name)).read().splitlines()[1:]:
+            if not line.startswith("#"):
+                break
+            header.append(line[2:] if line.startswith("# ") else line[1:])
+        assert lines == header, name  # the comment block, without '#', and nothing after it
+        assert not any(line.startswith(("set -", "root=", "source ")) for line in lines), name
+        assert "bash scripts/" + name in proc.stdout, name  # it shows how to call it
