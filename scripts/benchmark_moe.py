@@ -34,6 +34,18 @@ Columns (see docs/performance.md):
     mem         MoE act MiB / dense act MiB.
     max/mean    largest expert's token count over the mean (routing balance of the batch).
 
+Launch/sync proxy (second table, per backend of --proxy-backends; see docs/performance.md): one
+training step of the MoE layer (forward + backward) counted by fairseq_smoe/ops/counting.py:
+    reads       host reads (Tensor.tolist/item/__int__/__bool__..., nonzero, bincount, ...):
+                each one drains a GPU's queue
+    aten        ATen operators dispatched (about one kernel launch each on a GPU; views included)
+    triton      Triton kernel launches (triton backend)
+    kernels     aten + triton: the launch proxy; at 5-10 µs per launch it bounds a GPU step
+The loop backend is counted on its real step. The device-resident backends issue the same
+operators whatever the values (tests/test_moe_backends.py checks it), so on CPU the triton
+backend's launches are counted without running them (the interpreter would take minutes at
+these sizes) and grouped_mm runs torch's CPU _grouped_mm.
+
 Routing: the gate weights start at zero as in the paper (App. A), so the noise spreads tokens
 evenly over the experts, as the balance losses keep them in training (Table 6: max/mean 1.14).
 """
@@ -92,14 +104,15 @@ def parse_config(name: str, k: int, groups: int) -> Config:
     return Config(name, n, False, k=k)
 
 
-def build_layers(cfg: Config, dim: int, hidden: int, gating: str, recompute: bool):
+def build_layers(cfg: Config, dim: int, hidden: int, gating: str, recompute: bool,
+                 backend: str = "auto"):
     if cfg.hierarchical:
         moe = HierarchicalMoELayer(dim, dim, cfg.num_groups, cfg.num_experts // cfg.num_groups, hidden,
                                    k_primary=cfg.k_primary, k_secondary=cfg.k_secondary, gating=gating,
-                                   recompute_activations=recompute)
+                                   recompute_activations=recompute, backend=backend)
     else:
         moe = MoELayer(dim, dim, cfg.num_experts, hidden, k=cfg.k, gating=gating,
-                       recompute_activations=recompute)
+                       recompute_activations=recompute, backend=backend)
     # MoE-1-Wide: one feed-forward layer as wide as the k active experts together.
     dense = nn.Sequential(nn.Linear(dim, cfg.k * hidden), nn.ReLU(), nn.Linear(cfg.k * hidden, dim))
     return moe, dense
@@ -223,14 +236,17 @@ class Row:
     max_over_mean: float
     target: Optional[float]
     reps: int
+    backend: str = "auto"
     dense_all_ms: List[float] = field(default_factory=list)
     moe_all_ms: List[float] = field(default_factory=list)
+    # backend -> {"host_reads", "aten_ops", "triton_launches", "kernels"} of one training step
+    proxy: dict = field(default_factory=dict)
 
 
 def measure(cfg: Config, tokens: int, dtype_name: str, device: torch.device, args, bandwidth: float) -> Row:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(args.seed)
-    moe, dense = build_layers(cfg, args.dim, args.hidden, args.gating, args.recompute)
+    moe, dense = build_layers(cfg, args.dim, args.hidden, args.gating, args.recompute, args.backend)
     moe.to(device=device, dtype=dtype).train()
     dense.to(device=device, dtype=dtype).train()
     x = torch.randn(tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
@@ -272,10 +288,49 @@ def measure(cfg: Config, tokens: int, dtype_name: str, device: torch.device, arg
         moe_act_mib=moe_act, dense_act_mib=dense_act,
         mem_ratio=(moe_act / dense_act) if moe_act is not None and dense_act else None,
         expert_weight_mib=expert_bytes / 2**20, max_over_mean=max_over_mean, target=target,
-        reps=args.reps, dense_all_ms=[t * 1e3 for t in dense_s], moe_all_ms=[t * 1e3 for t in moe_s],
+        reps=args.reps, backend=moe.experts_backend(x).name,
+        dense_all_ms=[t * 1e3 for t in dense_s], moe_all_ms=[t * 1e3 for t in moe_s],
     )
+    for backend in args.proxy_backends:
+        row.proxy[backend] = count_proxy(moe, backend, x, grad_y)
     del moe, dense, x, grad_y
     return row
+
+
+def count_proxy(moe: nn.Module, backend: str, x: torch.Tensor, grad_y: torch.Tensor) -> dict:
+    """Host reads, ATen operators and Triton launches of one training step on ``backend``
+    (the same parameters; see the module docstring)."""
+    from fairseq_smoe.ops.counting import count_step
+
+    previous, moe.backend = moe.backend, backend
+    dry_run = backend == "triton" and x.device.type == "cpu"
+    try:
+        if backend == "triton":
+            from fairseq_smoe.ops import triton_experts
+
+            triton_experts.DRY_RUN[0] = dry_run
+        train_step(moe, x, grad_y)  # warm-up: lazy imports, Triton compilation
+        clear_grads(moe, x)
+        with count_step() as counts:
+            train_step(moe, x, grad_y)
+        clear_grads(moe, x)
+    finally:
+        moe.backend = previous
+        if backend == "triton":
+            triton_experts.DRY_RUN[0] = False
+    return {"host_reads": len(counts.host_reads), "aten_ops": counts.aten_ops,
+            "triton_launches": counts.launches, "kernels": counts.kernels,
+            "reads": sorted(set(counts.host_reads)), "dry_run": dry_run}
+
+
+PROXY_HEADER = (f"{'config':<11}{'tokens':>7} {'dtype':<5}{'dev':<5}{'backend':<11}{'reads':>6}"
+                f"{'aten':>8}{'triton':>7}{'kernels':>8}")
+
+
+def format_proxy(r: Row) -> List[str]:
+    return [f"{r.config:<11}{r.tokens:>7} {r.dtype:<5}{r.device:<5}{b:<11}{p['host_reads']:>6}"
+            f"{p['aten_ops']:>8}{p['triton_launches']:>7}{p['kernels']:>8}"
+            for b, p in r.proxy.items()]
 
 
 # ----------------------------------------------------------------------------- output
@@ -319,6 +374,11 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=4, help="experts per token for flat configs (paper: 4)")
     p.add_argument("--groups", type=int, default=16, help="groups of hierarchical configs (paper: 16)")
     p.add_argument("--gating", default="noisy_top_k", help="gating mode of the MoE layer")
+    p.add_argument("--backend", default="auto", choices=("auto", "loop", "grouped_mm", "triton"),
+                   help="expert backend of the timed MoE layer (auto: loop on CPU)")
+    p.add_argument("--proxy-backends", default="loop,grouped_mm,triton",
+                   help="backends whose host reads and kernel launches per training step are "
+                        "counted (comma-separated; 'none' to skip)")
     p.add_argument("--recompute", action="store_true", help="recompute expert activations (App. D)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both layers")
     p.add_argument("--reps", type=int, default=5, help="timed steps per layer (medians are reported)")
@@ -330,6 +390,8 @@ def parse_args(argv=None):
                    help="smoke run (< 1 min on 2 cores): moe-32 and moe-64-h (4 groups), 1024 tokens, "
                         "fp32 and bf16, 3 reps; options given explicitly still apply")
     args = p.parse_args(argv)
+    args.proxy_backends = [b.strip() for b in args.proxy_backends.split(",")
+                           if b.strip() and b.strip() != "none"]
     if args.quick:
         explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         quick = {"--configs": ("configs", "moe-32,moe-64-h"), "--tokens": ("tokens", "1024"),
@@ -380,6 +442,12 @@ def main(argv=None) -> List[Row]:
     except OSError:
         info["loadavg_end"] = None
     print(f"[benchmark] load average at the end {info['loadavg_end']}", file=log)
+    if any(r.proxy for r in rows):
+        print("[benchmark] launch/sync proxy: one training step of the MoE layer", file=log)
+        print(PROXY_HEADER, file=log)
+        for r in rows:
+            for line in format_proxy(r):
+                print(line, file=log)
     missed = [r for r in rows if r.target is not None and r.ratio > r.target]
     for r in missed:
         print(f"[benchmark] {r.config} at {r.tokens} tokens: ratio {r.ratio:.3f} above the target "

@@ -337,3 +337,31 @@ def test_model_option_reaches_the_layer():
         assert build_moe_layer(args, 8).backend == expected
     with pytest.raises(SystemExit):
         parser.parse_args(["--moe-experts-backend", "cuda"])
+
+
+def test_benchmark_reports_the_launch_and_sync_proxy(tmp_path):
+    """scripts/benchmark_moe.py's proxy columns: the loop reads its counts back (and more
+    operators for more experts), the resident backends read nothing; triton launches kernels."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "scripts"))
+    import benchmark_moe
+
+    out = tmp_path / "bench.json"
+    benchmark_moe.main(["--configs", "moe-8,moe-32,moe-16-h", "--groups", "4", "--tokens", "64",
+                        "--dim", "16", "--hidden", "16", "--reps", "1", "--warmup", "0",
+                        "--dtypes", "fp32", "--devices", "cpu", "--threads", "1", "--no-memory",
+                        "--json", str(out)])
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    for row in rows.values():
+        proxy = row["proxy"]
+        assert row["backend"] == "loop"
+        assert proxy["loop"]["host_reads"] >= 2 and "Tensor.tolist" in proxy["loop"]["reads"]
+        assert proxy["grouped_mm"]["host_reads"] == proxy["triton"]["host_reads"] == 0
+        assert proxy["triton"]["triton_launches"] > 0 and proxy["grouped_mm"]["triton_launches"] == 0
+        assert proxy["triton"]["kernels"] == proxy["triton"]["aten_ops"] + proxy["triton"]["triton_launches"]
+    assert rows["moe-32"]["proxy"]["loop"]["kernels"] > rows["moe-8"]["proxy"]["loop"]["kernels"]
+    for backend in BACKENDS:
+        assert rows["moe-32"]["proxy"][backend]["kernels"] == rows["moe-8"]["proxy"][backend]["kernels"]

@@ -82,13 +82,6 @@ class HierarchicalMoELayer(MoELayerBase):
                             primary.num_rows, count_unrouted(row_S, valid_T, x_TD.shape[0]))
         return y_TO.reshape(*x.shape[:-1], self.output_dim), stats
 
-    def _group_of_rows(self, groups, num_rows: int):
-        """Group of each row of x_PD (num_groups for the dropped tail of a resident grouping)."""
-        if groups.key_S is not None:
-            return groups.key_S
-        return torch.arange(self.num_groups, device=groups.counts_G.device).repeat_interleave(
-            groups.counts_G, output_size=num_rows)
-
     def _flat_experts(self, group_P, expert_PK):
         """Expert (i, j) at i·b + j; rows of the dropped tail to the sentinel num_experts."""
         expert_PK = group_P[:, None] * self.experts_per_group + expert_PK
@@ -118,11 +111,11 @@ class HierarchicalMoELayer(MoELayerBase):
         logits_PC = self._secondary_logits(backend, x_PD, groups, weight_GDC)
         if backend.resident:  # gates alike: one pass, the load per group from the device
             gate_PK, expert_PK, load_ab = gates[0].route(
-                logits_PC, None, resident=True, segment_T=groups.key_S, num_segments=self.num_groups)
+                logits_PC, None, resident=True, segment_T=groups.group_S, num_segments=self.num_groups)
         else:
             gate_PK, expert_PK, load_ab = gates[0].route(logits_PC, None, groups.counts,
                                                          noise_rows=groups.num_assignments)
-        group_P = self._group_of_rows(groups, x_PD.shape[0])
+        group_P = groups.group_S  # num_groups for a dropped tail
         expert_A = self._flat_experts(group_P, expert_PK).reshape(-1)
         if load_ab is None:  # no noise: the load is the counts
             load_ab = _counts(expert_A, self.num_experts).reshape(self.num_groups, -1).to(gate_PK.dtype)
@@ -136,7 +129,7 @@ class HierarchicalMoELayer(MoELayerBase):
         weight_GDB = torch.stack([gate.w_gate for gate in self.secondary_gates])
         gate_PB = torch.softmax(self._secondary_logits(backend, x_PD, groups, weight_GDB), dim=-1)
         expert_PB = torch.arange(b, device=x_PD.device).expand(P, b)
-        expert_A = self._flat_experts(groups.key_S, expert_PB).reshape(-1)
+        expert_A = self._flat_experts(groups.group_S, expert_PB).reshape(-1)
         load_ab = _counts(expert_A, self.num_experts).reshape(self.num_groups, b).to(gate_PB.dtype)
         row_A = torch.arange(P, device=x_PD.device).repeat_interleave(b)
         return row_A, expert_A, gate_PB.reshape(-1), load_ab, gate_PB.new_zeros(())

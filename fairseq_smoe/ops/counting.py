@@ -11,7 +11,9 @@ __float__/__bool__/__index__`` and the operators that read a value back to size 
 or to return it (``_local_scalar_dense``, ``nonzero``, ``bincount``, ``masked_select``,
 ``repeat_interleave`` without ``output_size``, ``unique``...). ATen operators are counted by a
 ``TorchDispatchMode``, forward and backward; views count too (they cost no kernel, but a per-
-expert loop would show up through them as well).
+expert loop would show up through them as well). A read through a Tensor method counts once
+(not again for the ``_local_scalar_dense`` it dispatches). While counting, the loop backend's
+thread pool is off (threads.ENABLED), so its per-expert work runs, and is counted, in this thread.
 """
 
 import contextlib
@@ -21,6 +23,8 @@ from typing import List
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import threads
 
 SYNCING_OPS = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique",
                "_unique", "_unique2", "unique_consecutive", "unique_dim", "nonzero_static_",
@@ -33,6 +37,7 @@ class StepCounts:
     host_reads: List[str] = field(default_factory=list)
     aten_ops: int = 0
     launches: int = 0
+    _reading: int = 0  # inside a Tensor-method read: its own dispatches are not a second read
 
     @property
     def kernels(self) -> int:
@@ -48,7 +53,7 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._overloadpacket.__name__
         self.counts.aten_ops += 1
-        if name in SYNCING_OPS:
+        if name in SYNCING_OPS and not self.counts._reading:
             self.counts.host_reads.append(f"aten.{name}")
         if name == "repeat_interleave" and (kwargs or {}).get("output_size") is None \
                 and args and isinstance(args[0], torch.Tensor) and len(args) > 1 \
@@ -70,17 +75,24 @@ def count_step():
 
     def reader(name, original):
         def read(self, *args, **kwargs):
-            counts.host_reads.append(f"Tensor.{name}")
-            return original(self, *args, **kwargs)
+            if not counts._reading:
+                counts.host_reads.append(f"Tensor.{name}")
+            counts._reading += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                counts._reading -= 1
         return read
 
     for name, original in originals.items():
         setattr(torch.Tensor, name, reader(name, original))
     launches = _launch_count()
+    threads_enabled, threads.ENABLED = threads.ENABLED, False
     try:
         with _Counter(counts):
             yield counts
     finally:
+        threads.ENABLED = threads_enabled
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
         counts.launches = _launch_count() - launches

@@ -32,6 +32,14 @@ class Grouping:
         return self.order_S.shape[0]
 
     @property
+    def group_S(self) -> torch.Tensor:
+        """long [S]: the group of each sorted row (num_groups for the dropped tail)."""
+        if self.key_S is None:
+            self.key_S = torch.arange(self.num_groups, device=self.counts_G.device).repeat_interleave(
+                self.counts_G, output_size=self.num_rows)
+        return self.key_S
+
+    @property
     def valid_S(self) -> torch.Tensor:
         """bool [S]: rows that belong to a group (not the dropped tail)."""
         if self._valid_S is None:

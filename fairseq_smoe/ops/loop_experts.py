@@ -128,7 +128,7 @@ def _experts_forward(x_SD, counts, options, weights, biases):
     hidden = None
     if options.recompute:  # allocate in this thread: the workspace is not thread-safe
         scratch.update({p: [_empty(ws, f"recompute{l}.{p}", (chunk, h), x_SD)
-                            for l, h in enumerate(widths)] for p in range(threads.max_parts())})
+                            for l, h in enumerate(widths)] for p in range(threads.max_parts(x_SD.device))})
     else:
         # Post-ReLU activations of each hidden layer, kept for backward.
         hidden = [_empty(ws, f"hidden{l}", (rows, h), x_SD) for l, h in enumerate(widths)]
@@ -165,7 +165,7 @@ def _experts_backward(x_SD, counts, options, weights, biases, hidden, output_gra
     # Per thread: gradient w.r.t. the (post-ReLU) output of each hidden layer for one chunk of
     # rows at a time, and the recomputed activations. Allocated here, in this thread.
     scratch, recomputed = {}, {}
-    for p in range(threads.max_parts()):
+    for p in range(threads.max_parts(x_SD.device)):
         scratch[p] = [_empty(ws, f"scratch{l}.{p}", (chunk, h), x_SD) for l, h in enumerate(widths)]
         if options.recompute:
             recomputed[p] = [_empty(ws, f"recompute{l}.{p}", (chunk, h), x_SD)
@@ -290,7 +290,7 @@ class _GroupedFeedForwardCombine(torch.autograd.Function):
         chunk = _chunk_rows(ctx.counts, x_SD.dtype)
         grad_gate_S = y_SO.new_empty(y_SO.shape[0]) if ctx.needs_input_grad[1] else None
         rows_grad = {p: _empty(ctx.options.workspace, f"rows_grad.{p}", (chunk, O), y_SO)
-                     for p in range(threads.max_parts())}
+                     for p in range(threads.max_parts(y_SO.device))}
 
         def output_grad(part, expert, start, end):
             # ∂L/∂y of this expert's rows; the gate's gradient is its dot with E_i(x).

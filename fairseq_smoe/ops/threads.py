@@ -55,8 +55,11 @@ def parts(device: torch.device) -> int:
     return max(1, torch.get_num_threads())
 
 
-def max_parts() -> int:
-    """Most pieces ``run_parts`` runs at once (callers allocate scratch buffers per piece)."""
+def max_parts(device: Optional[torch.device] = None) -> int:
+    """Most pieces ``run_parts`` runs at once (callers allocate scratch buffers per piece): the
+    intra-op thread count on CPU, 1 on any other ``device`` (no per-thread scratch there)."""
+    if device is not None and torch.device(device).type != "cpu":
+        return 1
     return max(1, torch.get_num_threads()) if ENABLED else 1
 
 
