@@ -4,10 +4,11 @@ validation loss is the model's loss, a plain criterion warns, fairseq-hydra-trai
 import glob
 import os
 import re
+import subprocess
 
 import pytest
 from conftest import ROOT
-from test_lm_e2e import cli, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
+from test_lm_e2e import BIN, cli, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +85,19 @@ def test_fairseq_hydra_train_runs_the_shipped_configs(corpus, tmp_path, config):
         overrides = [f"model.{k}=32" for k in ("encoder_embed_dim", "encoder_hidden_size",
                                                 "attention_dim", "moe_hidden_dim")]
     save_dir = tmp_path / "ckpt"
-    out = cli("fairseq-hydra-train", "--config-dir", directory, "--config-name", name,
-              f"task.data={data}", f"checkpoint.save_dir={save_dir}", "optimization.max_update=3",
-              "dataset.validate_interval_updates=3", "common.log_interval=1", *overrides)
-    assert "done training" in out, out[-3000:]
+    run_dir = tmp_path / "run"  # outside the repository: the plugin by its absolute path
+    run_dir.mkdir()
+    result = subprocess.run(
+        [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", directory, "--config-name", name,
+         f"task.data={data}", f"checkpoint.save_dir={save_dir}", "optimization.max_update=3",
+         f"common.user_dir={os.path.join(ROOT, 'fairseq_smoe')}",
+         "dataset.validate_interval_updates=3", "common.log_interval=1", *overrides],
+        cwd=run_dir, capture_output=True, text=True, timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "done training" in out, out[-3000:]
+    assert os.listdir(run_dir) == []  # hydra leaves no .hydra/ or hydra_train.log behind
     assert (save_dir / "checkpoint_best.pt").is_file()
     assert "ignores their balance losses" not in out  # the configs use our criteria
     valid = [line for line in out.splitlines() if "valid on 'valid' subset" in line][-1]
     assert "moe_cv_imp" in valid and stat(valid, "num_updates") == 3
-    assert not os.path.exists(os.path.join(ROOT, "outputs", "multi30k-hydra"))  # save_dir obeyed
