@@ -112,17 +112,33 @@ class ExpertParallelExperts(FeedForwardExperts):
                 p.register_hook(_ScaleGrad(grad_scale))
 
     def forward(self, x_SD: torch.Tensor, counts) -> torch.Tensor:
+        """``counts``: a list (rows for each of the E experts, adding up to x_SD's rows), or a
+        tensor of them on the device (the device-resident backends: x_SD may then end with a
+        dropped tail of rows beyond the counts, left behind)."""
         E, W, El = self.num_experts_total, self.world_size, self.num_experts
-        if len(counts) != E or sum(counts) != x_SD.shape[0]:
-            raise ValueError(f"counts must list rows for each of the {E} experts and add up to "
-                             f"{x_SD.shape[0]} rows; got {len(counts)} entries summing to {sum(counts)}")
         group = self.group_ref.group
-        counts = [int(c) for c in counts]
+        if torch.is_tensor(counts):
+            # 1. the counts go to their workers on the device; what this worker sends and
+            # receives comes back to the host in one read (the all-to-all needs the sizes)
+            counts_WE = counts.to(torch.long).reshape(W, El)
+            received_WE = exchange_counts(counts_WE, group)
+            sizes = torch.cat([counts_WE.reshape(-1), received_WE.reshape(-1)]).tolist()
+            counts = sizes[:E]
+            received = [sizes[E + w * El:E + (w + 1) * El] for w in range(W)]
+            if sum(counts) > x_SD.shape[0]:
+                raise ValueError(f"counts add up to {sum(counts)} rows; x has {x_SD.shape[0]}")
+            x_SD = x_SD[:sum(counts)]
+        else:
+            if len(counts) != E or sum(counts) != x_SD.shape[0]:
+                raise ValueError(f"counts must list rows for each of the {E} experts and add up to "
+                                 f"{x_SD.shape[0]} rows; got {len(counts)} entries summing to "
+                                 f"{sum(counts)}")
+            counts = [int(c) for c in counts]
+            # 1. how many rows each worker sends to each of our experts (one host sync)
+            counts_WE = torch.tensor(counts, dtype=torch.long, device=x_SD.device).view(W, El)
+            received_WE = exchange_counts(counts_WE, group)
+            received = received_WE.tolist()
         send_splits = [sum(counts[v * El:(v + 1) * El]) for v in range(W)]
-        # 1. how many rows each worker sends to each of our experts (one host sync)
-        counts_WE = torch.tensor(counts, dtype=torch.long, device=x_SD.device).view(W, El)
-        received_WE = exchange_counts(counts_WE, group)
-        received = received_WE.tolist()
         recv_splits = [sum(row) for row in received]
         local_counts = [sum(received[w][e] for w in range(W)) for e in range(El)]
         # 2. rows to their experts' workers
@@ -142,8 +158,11 @@ class ExpertParallelExperts(FeedForwardExperts):
 
     def forward_and_combine(self, x_SD, counts, row_S, gate_S, num_rows, workspace=None):
         # Rows travel to other workers between the gather and the experts: the fused Function of
-        # the single-process experts does not apply, combine the returned rows here.
-        return combine(self(x_SD, counts), row_S, gate_S, num_rows, workspace)
+        # the single-process experts does not apply, combine the returned rows here (a dropped
+        # tail of a device-resident grouping was left behind: only the kept rows come back).
+        y_SO = self(x_SD, counts)
+        kept = y_SO.shape[0]
+        return combine(y_SO, row_S[:kept], gate_S[:kept], num_rows, workspace)
 
     def _expert_major_order(self, received_WE: torch.Tensor, num_rows: int):
         W, El = received_WE.shape
@@ -155,6 +174,9 @@ class ExpertParallelExperts(FeedForwardExperts):
         return torch.argsort(key_R, stable=True)
 
     def _run_local_experts(self, x_LD: torch.Tensor, local_counts) -> torch.Tensor:
+        backend = getattr(self, "local_backend", None)  # set by a device-resident backend
+        if backend is not None:
+            return backend.feed_forward_counts(self, x_LD, local_counts)
         return super().forward(x_LD, local_counts)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -95,13 +95,34 @@ class ResidentBackend:
         return y_TO.to(x_TD.dtype), row_S
 
     def _expert_parallel(self, experts, num_experts, x_TD, row_A, expert_A, gate_A, workspace):
-        # The all-to-all needs the split sizes on the host: one read (ExpertParallelExperts
-        # exchanges them and runs its local experts through the expert loop).
+        # ExpertParallelExperts exchanges the device counts and reads the all-to-all split sizes
+        # in one transfer (the one host read of the step); its local experts run here, from
+        # their (host) counts.
         grouping = self.group(expert_A, num_experts)
-        counts = grouping.counts_G.tolist()
-        kept = sum(counts)
-        order_S = grouping.order_S[:kept]
-        row_S = row_A[order_S]
+        row_S = row_A.index_select(0, grouping.order_S)
+        gate_S = gate_A.index_select(0, grouping.order_S)
         x_SD = self.gather(x_TD, row_S)
-        return experts.forward_and_combine(x_SD, counts, row_S, gate_A[order_S], x_TD.shape[0],
+        experts.local_backend = self
+        return experts.forward_and_combine(x_SD, grouping.counts_G, row_S, gate_S, x_TD.shape[0],
                                            workspace), row_S
+
+    def feed_forward_counts(self, experts, x_LD, counts):
+        """The experts on rows grouped by expert with host ``counts`` (expert parallelism's local
+        experts): copied to the device (no read), then the same grouped products."""
+        counts_G = torch.tensor(counts, dtype=torch.long, device=x_LD.device)
+        G = counts_G.shape[0]
+        grouping = Grouping(torch.arange(x_LD.shape[0], device=x_LD.device), counts_G, G,
+                            offs_G=torch.cumsum(counts_G, 0, dtype=torch.int32),
+                            key_S=torch.arange(G, device=x_LD.device).repeat_interleave(
+                                counts_G, output_size=x_LD.shape[0]),
+                            num_assignments=x_LD.shape[0])
+        weights, biases = list(experts.weights), list(experts.biases)
+        dtype = x_LD.dtype
+        with torch.autocast(x_LD.device.type, enabled=False):
+            x_LD = x_LD.to(weights[0].dtype)
+            if experts.recompute_activations and torch.is_grad_enabled():
+                y_LO = checkpoint(_feed_forward, self.linear, grouping, x_LD, *weights, *biases,
+                                  use_reentrant=False)
+            else:
+                y_LO = _feed_forward(self.linear, grouping, x_LD, *weights, *biases)
+        return y_LO.to(dtype)
