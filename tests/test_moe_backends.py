@@ -365,3 +365,25 @@ def test_benchmark_reports_the_launch_and_sync_proxy(tmp_path):
     assert rows["moe-32"]["proxy"]["loop"]["kernels"] > rows["moe-8"]["proxy"]["loop"]["kernels"]
     for backend in BACKENDS:
         assert rows["moe-32"]["proxy"][backend]["kernels"] == rows["moe-8"]["proxy"][backend]["kernels"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_forward_adds_no_host_reads(backend):
+    """The LM decoder (LSTM -> MoE -> LSTM) on a padded batch: a training step of the model reads
+    nothing back on a device-resident backend (no padding_mask.any() of its own)."""
+    from test_lm_model import build_decoder
+
+    decoder = build_decoder(moe_experts_backend=backend, moe_hidden_dim=16)
+    assert decoder.moe.moe.backend == backend
+    decoder.train()
+    tokens = torch.randint(4, 50, (3, 6))
+    tokens[0, -2:] = decoder.padding_idx
+    decoder(tokens)[0].float().square().mean().backward()  # warm-up
+    with count_step() as counts:
+        out, extra = decoder(tokens)
+        out.float().square().mean().backward()
+    assert counts.host_reads == []
+    loop = build_decoder(moe_experts_backend="loop", moe_hidden_dim=16)
+    with count_step() as counts:
+        loop(tokens)[0].float().square().mean().backward()
+    assert counts.host_reads  # the counter sees the loop's count read
