@@ -40,6 +40,15 @@ def test_tensorboard_has_every_moe_metric_and_valid_loss_is_the_nll(corpus, tmp_
         missing = [tag for tag in MOE_TAGS if tag.encode() not in content]
         assert not missing, (split, missing)
         assert b"loss" in content and b"nll_loss" in content
+    # fairseq-validate prints every batch's raw logging output: no per-expert numbers in it
+    out = cli("fairseq-validate", data / "bin", "--user-dir", "fairseq_smoe", "--task",
+              "language_modeling", "--path", tmp_path / "ckpt" / "checkpoint_last.pt", "--cpu",
+              "--tokens-per-sample", 32, "--max-tokens", 512, "--log-format", "simple",
+              "--log-interval", 1, "--num-workers", 0)
+    assert "moe_importance=[4 values]" in out, out[-2000:]
+    assert not re.search(r"moe_(importance|load|counts)=\[[-\d.]", out)
+    final = [line for line in out.splitlines() if "valid on 'valid' subset" in line][-1]
+    assert stat(final, "loss") == pytest.approx(stat(final, "nll_loss"), abs=1.5e-3)
 
 
 def test_a_criterion_that_ignores_the_balance_losses_warns_once(corpus, tmp_path):  # noqa: F811
