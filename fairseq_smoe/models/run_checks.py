@@ -1,6 +1,6 @@
 """Refusals that every plugin model makes when fairseq builds it, before fairseq fails deeper.
 
-They raise ``ValueError`` naming the fix; ``fairseq_smoe.cli_errors`` turns that into one line.
+They raise ``ValueError`` naming the fix; ``fairseq_smoe.compat.cli_errors`` turns that into one line.
 """
 
 import importlib.util
