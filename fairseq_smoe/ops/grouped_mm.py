@@ -121,8 +121,8 @@ class GroupedMMBackend(ResidentBackend):
 
     def grouped_matmul(self, x_SD, grouping, weight_GIO):
         # The gate projection, in fp32 (the caller casts). fp32 _grouped_mm on CUDA is a host
-        # loop after offs.cpu(): there our fp32 Triton kernel runs it when triton is installed,
-        # else bf16 operands with an fp32 result.
+        # loop after offs.cpu(): there our fp32 Triton kernel runs it when triton is installed
+        # (without triton it stays the fp32 operator: correct, with that sync).
         if x_SD.is_cuda and weight_GIO.dtype == torch.float32:
             from . import triton_available
 
@@ -130,7 +130,4 @@ class GroupedMMBackend(ResidentBackend):
                 from .triton_experts import TritonBackend
 
                 return TritonBackend().linear(x_SD, grouping, weight_GIO, None, False)
-            return torch._grouped_mm(torch.where(grouping.valid_S[:, None], x_SD, 0).bfloat16(),
-                                     weight_GIO.bfloat16(), offs=grouping.offs_G,
-                                     out_dtype=torch.float32) * grouping.valid_S[:, None]
         return self.linear(x_SD, grouping, weight_GIO, None, False)
