@@ -20,8 +20,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, ".venv", "bin")
-PTB = "/work/shared/data/ptb"
-DATA_CANDIDATES = [os.path.join(ROOT, "data", "ptb"), PTB]
 
 pytestmark = pytest.mark.slow
 
@@ -34,42 +32,10 @@ MODEL = ["--task", "language_modeling", "--arch", "lstm_moe_lm", "--criterion", 
 EXPERT_PARAMS = 4 * (32 * 48 + 48 + 48 * 32 + 32)
 
 
-def read_lines(name, count):
-    import lzma
-
-    for folder in DATA_CANDIDATES:
-        path = os.path.join(folder, name + ".xz")
-        if os.path.exists(path):
-            with lzma.open(path, "rt") as f:
-                return [next(f) for _ in range(count)]
-    pytest.fail(f"PTB not found in {DATA_CANDIDATES}")
-
-
-def exactly_tokens(lines, total):
-    """Whole lines, then part of the next, so that words + end-of-line tokens = total."""
-    out, count = [], 0
-    for line in lines:
-        words = line.split()
-        if count + len(words) + 1 >= total:
-            out.append(" ".join(words[:total - count - 1]) + "\n")
-            return "".join(out)
-        out.append(" ".join(words) + "\n")
-        count += len(words) + 1
-    pytest.fail("not enough text")
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """400 training sentences of PTB; validation text of exactly 1024 tokens = 32 blocks of
-    32 = 4 full batches, 2 per worker, so one process and two workers see the same batches."""
-    work = tmp_path_factory.mktemp("ep_corpus")
-    (work / "train.txt").write_text("".join(read_lines("ptb.train.txt", 400)))
-    (work / "valid.txt").write_text(exactly_tokens(read_lines("ptb.valid.txt", 100), 1024))
-    subprocess.run([os.path.join(BIN, "fairseq-preprocess"), "--only-source",
-                    "--trainpref", str(work / "train.txt"), "--validpref", str(work / "valid.txt"),
-                    "--destdir", str(work / "bin"), "--workers", "1"],
-                   check=True, capture_output=True, timeout=300)
-    return str(work / "bin")
+def corpus(ptb_lm_corpus):
+    """400 PTB training sentences, validation of exactly 4 batches (conftest, once per session)."""
+    return ptb_lm_corpus
 
 
 def run(cmd, timeout=300):

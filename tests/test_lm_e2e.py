@@ -3,13 +3,10 @@ batchwise and baseline presets, resume), fairseq-eval-lm and fairseq-interactive
 tiny synthetic corpus that a language model can learn."""
 
 import json
-import math
 import os
-import random
 import re
 import subprocess
 import sys
-from collections import Counter
 
 import pytest
 from conftest import ROOT
@@ -28,38 +25,10 @@ def cli(tool, *args, timeout=240, stdin=None):
     return output
 
 
-def synthetic_sentences(rng, n):
-    """A 30-word language: each word has two likely successors, sentences of 6-12 words."""
-    words = [f"w{i}" for i in range(30)]
-    successors = {w: rng.sample(words, 2) for w in words}
-    sentences = []
-    for _ in range(n):
-        w = rng.choice(words[:5])
-        sentence = [w]
-        for _ in range(rng.randint(5, 11)):
-            w = rng.choice(successors[w]) if rng.random() < 0.9 else rng.choice(words)
-            sentence.append(w)
-        sentences.append(" ".join(sentence))
-    return sentences
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm_corpus")
-    rng = random.Random(0)
-    sentences = synthetic_sentences(rng, 1700)
-    splits = {"train": sentences[:1500], "valid": sentences[1500:1600], "test": sentences[1600:]}
-    for name, lines in splits.items():
-        (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    cli("fairseq-preprocess", "--only-source", "--task", "language_modeling",
-        "--trainpref", root / "train.txt", "--validpref", root / "valid.txt",
-        "--testpref", root / "test.txt", "--destdir", root / "bin", "--workers", 1)
-    # Unigram perplexity of the test split (with one </s> per line), train-set frequencies.
-    train_counts = Counter(w for s in splits["train"] for w in s.split() + ["</s>"])
-    total = sum(train_counts.values())
-    test_tokens = [w for s in splits["test"] for w in s.split() + ["</s>"]]
-    unigram_ppl = math.exp(-sum(math.log(train_counts[w] / total) for w in test_tokens) / len(test_tokens))
-    return root, unigram_ppl
+def corpus(synthetic_lm_corpus):
+    """(folder with bin/, unigram test perplexity): conftest builds it once per session."""
+    return synthetic_lm_corpus
 
 
 def train(data, save_dir, arch, updates, *extra):
