@@ -107,6 +107,7 @@ from fairseq import checkpoint_utils, utils
 from fairseq.data import data_utils
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from fairseq.trainer import Trainer
+import fairseq_cli.train  # noqa: F401  (BF16_CUDA wraps the commands' configuration step)
 print(json.dumps({
     "CHECKPOINT_LOAD": type(checkpoint_utils.torch).__name__ == "_TorchWithTrustedLoad",
     "CHECKPOINT_SAFETY": getattr(checkpoint_utils, "_smoe_checkpoint_safety", False),
@@ -118,8 +119,15 @@ print(json.dumps({
     "FP16_EXPERTS": getattr(_FP16OptimizerMixin.__dict__["build_fp32_params"].__func__, "_smoe",
                             False),
     "CLI_ERRORS": getattr(sys.excepthook, "_smoe", False),
+    "BF16_CUDA": getattr(sys.modules["fairseq_cli.train"].convert_namespace_to_omegaconf,
+                         "_smoe_bf16_cuda", False),
 }))
 """
+
+
+def _last_json(stdout):
+    """The probes' line (fairseq_cli.train's import sends log lines to stdout before it)."""
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _run_python(code, env=None, argv0=None):
@@ -153,6 +161,7 @@ def test_install_all_installs_every_patch_and_each_switch_turns_its_patch_off():
     from fairseq_smoe import compat
 
     code = ("from fairseq_smoe import compat\n"
+            "import fairseq_cli.train\n"  # as in a fairseq command: imported before the plugin
             "state = compat.install_all()\n"
             "from fairseq.models import ARCH_MODEL_REGISTRY\n"
             "from fairseq.criterions import CRITERION_REGISTRY\n"
@@ -161,18 +170,18 @@ def test_install_all_installs_every_patch_and_each_switch_turns_its_patch_off():
             "assert 'smoe_cross_entropy' in CRITERION_REGISTRY and 'smoe_adam' in OPTIMIZER_REGISTRY\n"
             + _PATCH_PROBES)
     names = [p.name for p in compat.PATCHES]
-    on = json.loads(_run_python(code, argv0="fairseq-train").stdout)
+    on = _last_json(_run_python(code, argv0="fairseq-train").stdout)
     assert on == {name: True for name in names}
     # Every other patch off: the ones left on are exactly those switched on.
     half = names[::2]
     env = {f"SMOE_PATCH_{n}": "0" for n in names if n not in half}
-    mixed = json.loads(_run_python(code, env, argv0="fairseq-train").stdout)
+    mixed = _last_json(_run_python(code, env, argv0="fairseq-train").stdout)
     assert mixed == {name: name in half for name in names}
     env = {f"SMOE_PATCH_{n}": "off" for n in half}
-    other = json.loads(_run_python(code, env, argv0="fairseq-train").stdout)
+    other = _last_json(_run_python(code, env, argv0="fairseq-train").stdout)
     assert other == {name: name not in half for name in names}
     # The older switch of checkpoint_safety still works.
-    assert json.loads(_run_python(code, {"SMOE_CHECKPOINT_SAFETY": "0"}).stdout)[
+    assert _last_json(_run_python(code, {"SMOE_CHECKPOINT_SAFETY": "0"}).stdout)[
         "CHECKPOINT_SAFETY"] is False
 
 
@@ -200,3 +209,37 @@ def test_install_requirements_have_no_exact_pins_and_admit_the_tested_torch():
     assert not torch_req.specifier.contains("2.4.1")
     assert captured["extras_require"]["tensorboard"] == ["tensorboardX"]
     assert {"pytest", "ruff"} <= set(captured["extras_require"]["test"])
+
+
+def test_bf16_on_cuda_is_cuda_bf16_not_tpu(monkeypatch):
+    """fairseq 0.12 sets --tpu from --bf16; with CUDA and without torch_xla the plugin clears it
+    where the command converts its arguments (CUDA faked: the decision, not a GPU run)."""
+    import types
+    from argparse import Namespace
+
+    from fairseq_smoe.compat import bf16_cuda
+    from fairseq_smoe.models.run_checks import check_precision_options
+
+    seen = []
+    command = types.ModuleType("fake_fairseq_cli")
+    command.convert_namespace_to_omegaconf = lambda args: seen.append(args.tpu) or "cfg"
+    monkeypatch.setitem(sys.modules, "fake_fairseq_cli", command)
+    bf16_cuda.install(("fake_fairseq_cli",))
+    wrapped = command.convert_namespace_to_omegaconf
+    bf16_cuda.install(("fake_fairseq_cli",))  # idempotent: wrapped once
+    assert command.convert_namespace_to_omegaconf is wrapped
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = Namespace(bf16=True, tpu=True, cpu=False)
+    assert command.convert_namespace_to_omegaconf(gpu) == "cfg" and seen == [False]
+    check_precision_options(gpu)  # no refusal: CUDA bf16
+    cpu = Namespace(bf16=True, tpu=True, cpu=True)
+    command.convert_namespace_to_omegaconf(cpu)
+    assert seen[-1] is True
+    with pytest.raises(ValueError, match="on CPU train in fp32"):
+        check_precision_options(cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    command.convert_namespace_to_omegaconf(Namespace(bf16=True, tpu=True, cpu=False))
+    assert seen[-1] is True  # no GPU: left to the refusal
+    command.convert_namespace_to_omegaconf(Namespace(bf16=False, tpu=False, cpu=False))
+    assert seen[-1] is False

@@ -20,6 +20,7 @@ process once installed, i.e. to every model fairseq trains in it, not only ours.
     CRITERION_CHECK      trainer_hooks        Trainer warns once: MoE model + criterion without balance
     FP16_EXPERTS         fairseq_smoe.optim   FP16Optimizer's fp32 copies keep the expert marks
     CLI_ERRORS           cli_errors           sys.excepthook in fairseq-* commands: one-line errors
+    BF16_CUDA            bf16_cuda            --bf16 on a GPU trains in CUDA bf16 (fairseq: TPU only)
 """
 
 import importlib
@@ -68,6 +69,9 @@ PATCHES: List[Patch] = [
           "FP16Optimizer's fp32 master copies keep the expert marks smoe_adam needs"),
     Patch("CLI_ERRORS", "cli_errors", "install",
           "sys.excepthook of fairseq-* commands prints our configuration errors as one line"),
+    Patch("BF16_CUDA", "bf16_cuda", "install",
+          "--bf16 with CUDA and without torch_xla trains in CUDA bf16 instead of asking torch_xla "
+          "for a TPU"),
 ]
 
 _installed: Dict[str, bool] = {}

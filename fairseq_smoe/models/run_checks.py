@@ -14,12 +14,15 @@ def _program() -> str:
 
 def check_precision_options(args) -> None:
     """fairseq 0.12 reads ``--bf16`` as TPU training: ``options.parse_args_and_arch`` sets
-    ``--tpu``, and the trainer then asks torch_xla for its device (an AttributeError on a
-    machine without it, CPU or GPU alike)."""
-    if getattr(args, "bf16", False) and importlib.util.find_spec("torch_xla") is None:
+    ``--tpu``, and the trainer then asks torch_xla for its device (an AttributeError without
+    it). On a GPU the BF16_CUDA patch (``compat/bf16_cuda.py``) has cleared ``--tpu`` by now;
+    what is left here is bf16 on CPU, or with that patch switched off."""
+    if getattr(args, "bf16", False) and getattr(args, "tpu", True) \
+            and importlib.util.find_spec("torch_xla") is None:
         raise ValueError("--bf16 (and --memory-efficient-bf16) in fairseq 0.12 means TPU training "
-                         "and needs torch_xla, which is not installed; train in fp32 (on CPU), "
-                         "or use --fp16 / --amp on a GPU")
+                         "and needs torch_xla, which is not installed; on CPU train in fp32; on a "
+                         "GPU fairseq-smoe trains --bf16 in CUDA bf16 unless SMOE_PATCH_BF16_CUDA=0 "
+                         "(or use --fp16 / --amp)")
 
 
 def refuse_in_language_model_tools(model_name: str) -> None:
