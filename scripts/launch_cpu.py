@@ -211,9 +211,10 @@ def pause_with_workers(procs, activity):
         for proc in procs:
             if proc.poll() is None:
                 signal_group(proc, signal.SIGSTOP)
-        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)  # returns when the launcher is continued
-        signal.signal(signal.SIGTSTP, handler)
+        # SIGSTOP, not SIGTSTP: the kernel discards a SIGTSTP whose default action would stop
+        # a process of an orphaned process group (a launcher started by a daemon or CI job),
+        # SIGSTOP always stops. Returns when the launcher is continued.
+        os.kill(os.getpid(), signal.SIGSTOP)
         for proc in procs:
             if proc.poll() is None:
                 signal_group(proc, signal.SIGCONT)
