@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""WikiText-2 at CPU scale: the shape of the paper's Table 7 and the Table 6 ablation (issue 15).
+
+At one active compute budget (the demo's width 256: embedding 256 → LSTM → [layer] → LSTM →
+adaptive softmax, residual + dropout 0.1, 2048 tokens a batch), each model trains for the same
+number of tokens (``--epochs`` full epochs, default 2) with two seeds:
+
+    moe-4, moe-16, moe-64   MoE layers of 4/16/64 experts (256→512→256), noisy top-2, w = 0.1
+    moe-1-wide              one expert of hidden size 1024 (= the active compute of 2 × 512)
+    4xlstm                  no MoE; two LSTMs below and two above (a 256-LSTM costs about what
+                            two 256→512→256 experts cost per token: App. C's matched baseline)
+    moe-16-w0               moe-16 without the balance losses (w_importance = w_load = 0)
+
+Each run: fairseq-train (validation every epoch, checkpoint_best.pt kept), then fairseq-eval-lm
+of checkpoint_best.pt on the full validation and test sets. Results are appended to
+examples/language_model/results/wikitext2.json as they arrive; the table (mean ± half range over
+the seeds) goes to results/wikitext2.md and the learning curves to results/wikitext2_curves.png.
+
+    .venv/bin/python examples/language_model/wikitext2_family.py            # everything
+    .venv/bin/python examples/language_model/wikitext2_family.py --runs moe-16:1,4xlstm:1
+    .venv/bin/python examples/language_model/wikitext2_family.py --report   # table + plot only
+
+It resumes where it stopped: a run with a result is skipped, an interrupted one continues from
+its checkpoint_last.pt (fairseq's resume) in outputs/wikitext2_family/RUN/ (git-ignored). Two
+runs go side by side (--jobs), one thread each.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, ".venv", "bin")
+DATA = os.path.join(ROOT, "outputs", "data", "wikitext-2", "bin")
+WORK = os.path.join(ROOT, "outputs", "wikitext2_family")
+RESULTS = os.path.join(ROOT, "examples", "language_model", "results")
+RESULTS_JSON = os.path.join(RESULTS, "wikitext2.json")
+
+MODELS = {
+    "moe-4": ["--moe-num-experts", "4"],
+    "moe-16": ["--moe-num-experts", "16"],
+    "moe-64": ["--moe-num-experts", "64"],
+    "moe-1-wide": ["--moe-num-experts", "1", "--moe-k", "1", "--moe-hidden-dim", "1024"],
+    "4xlstm": ["--moe-num-experts", "0", "--lstm-layers-before-moe", "2",
+               "--lstm-layers-after-moe", "2"],
+    "moe-16-w0": ["--moe-num-experts", "16", "--moe-w-importance", "0", "--moe-w-load", "0"],
+}
+# Most informative first: the default MoE and its matched baseline, then the rest of the family.
+ORDER = ["moe-16", "4xlstm", "moe-4", "moe-64", "moe-1-wide", "moe-16-w0"]
+SEEDS = (1, 2)
+
+
+def say(message):
+    print(f"[wikitext2_family {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_results():
+    if not os.path.exists(RESULTS_JSON):
+        return {"runs": []}
+    with open(RESULTS_JSON) as f:
+        return json.load(f)
+
+
+def save_results(results):
+    os.makedirs(RESULTS, exist_ok=True)
+    results["runs"].sort(key=lambda r: (ORDER.index(r["model"]), r["seed"]))
+    temp = RESULTS_JSON + ".tmp"
+    with open(temp, "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    os.replace(temp, RESULTS_JSON)
+
+
+def run_logged(cmd, log_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with open(log_path, "a") as log:
+        status = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if status != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{os.path.basename(cmd[0])} failed (status {status}); end of {log_path}:\n{tail}")
+
+
+def train_and_evaluate(model, seed, epochs):
+    name = f"{model}.seed{seed}"
+    work = os.path.join(WORK, name)
+    os.makedirs(work, exist_ok=True)
+    train_log = os.path.join(work, "train.log")
+    started = time.time()
+    run_logged([os.path.join(BIN, "fairseq-train"), DATA, "--user-dir", "fairseq_smoe",
+                "--task", "language_modeling", "--arch", "lstm_moe_lm_wikitext2_demo",
+                "--criterion", "smoe_cross_entropy", *MODELS[model],
+                "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "0.004",
+                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "50",
+                "--warmup-init-lr", "1e-7", "--clip-norm", "1.0", "--tokens-per-sample", "64",
+                "--sample-break-mode", "none", "--max-tokens", "2048", "--max-epoch", str(epochs),
+                "--cpu", "--num-workers", "0", "--seed", str(seed), "--log-format", "simple",
+                "--log-interval", "50", "--save-dir", os.path.join(work, "checkpoints"),
+                "--no-epoch-checkpoints"], train_log)
+    ppl = {}
+    for split in ("valid", "test"):
+        log = os.path.join(work, f"eval-{split}.log")
+        if os.path.exists(log):
+            os.remove(log)
+        run_logged([os.path.join(BIN, "fairseq-eval-lm"), DATA, "--user-dir", "fairseq_smoe",
+                    "--path", os.path.join(work, "checkpoints", "checkpoint_best.pt"),
+                    "--gen-subset", split, "--tokens-per-sample", "64", "--max-tokens", "8192",
+                    "--cpu"], log)
+        with open(log) as f:
+            text = f.read()
+        ppl[split] = float(re.findall(r"Perplexity: ([\d.]+)", text)[-1])
+        ppl[split + "_tokens"] = int(re.findall(r"Evaluated ([\d,]+) tokens", text)[-1].replace(",", ""))
+    with open(train_log) as f:
+        log_text = f.read()
+    last_train = re.findall(r"\| train \| epoch (\d+) \| (.*)", log_text)[-1][1]
+    stats = dict(re.findall(r"(\w+) ([-\d.e+]+)(?: \||$)", last_train))
+    result = {"model": model, "seed": seed, "valid_ppl": ppl["valid"], "test_ppl": ppl["test"],
+              "valid_tokens": ppl["valid_tokens"], "test_tokens": ppl["test_tokens"],
+              "tokens": int(float(stats.get("num_updates", 0))) * 2048,
+              "updates": int(float(stats.get("num_updates", 0))), "epochs": epochs,
+              "train_ppl_last_epoch": float(stats.get("ppl", "nan")),
+              "wall_s": round(time.time() - started)}
+    for key in ("moe_cv_imp", "moe_cv_load", "moe_max_load", "moe_min_load", "moe_dead"):
+        if key in stats:
+            result[key + "_last_epoch"] = float(stats[key])
+    return result
+
+
+def curves(log_path):
+    """(tokens, training perplexity) every log interval and (tokens, validation perplexity)."""
+    train, valid = [], []
+    with open(log_path) as f:
+        for line in f:
+            m = re.search(r"train_inner \|.* ppl=([\d.]+),.*num_updates=(\d+)", line)
+            if m:
+                train.append((int(m.group(2)) * 2048, float(m.group(1))))
+            m = re.search(r"valid on 'valid' subset \|.* ppl ([\d.]+) \|.* num_updates (\d+)", line)
+            if m:
+                valid.append((int(m.group(2)) * 2048, float(m.group(1))))
+    return train, valid
+
+
+def report(results):
+    by_model = {}
+    for r in results["runs"]:
+        by_model.setdefault(r["model"], []).append(r)
+    lines = ["| model | seeds | test ppl (mean ± half range) | valid ppl | CV(Importance) | "
+             "CV(Load) | max/mean load | tokens |", "|---|---|---|---|---|---|---|---|"]
+    for model in ORDER:
+        runs = by_model.get(model, [])
+        if not runs:
+            continue
+
+        def spread(key, runs=runs):
+            values = [r[key] for r in runs if key in r]
+            if not values:
+                return "-"
+            half = (max(values) - min(values)) / 2
+            return f"{statistics.mean(values):.2f} ± {half:.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+        lines.append(f"| {model} | {','.join(str(r['seed']) for r in runs)} | {spread('test_ppl')} | "
+                     f"{spread('valid_ppl')} | {spread('moe_cv_imp_last_epoch')} | "
+                     f"{spread('moe_cv_load_last_epoch')} | {spread('moe_max_load_last_epoch')} | "
+                     f"{runs[0]['tokens']:,} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(RESULTS, "wikitext2.md"), "w") as f:
+        f.write(table)
+    print(table)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results["runs"]:
+        log = os.path.join(WORK, f"{r['model']}.seed{r['seed']}", "train.log")
+        if not os.path.exists(log):
+            continue
+        train, valid = curves(log)
+        label = f"{r['model']} s{r['seed']}"
+        if train:
+            axes[0].plot(*zip(*train), label=label, linewidth=0.8)
+        if valid:
+            axes[1].plot(*zip(*valid), marker="o", label=label)
+    for ax, title in zip(axes, ("training perplexity", "validation perplexity (per epoch)")):
+        ax.set_xlabel("training tokens")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "wikitext2_curves.png"), dpi=110)
+    say(f"wrote {os.path.join(RESULTS, 'wikitext2_curves.png')}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--runs", help="MODEL:SEED,... (default: every model of ORDER, seeds 1 and 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
+    parser.add_argument("--epochs", type=int, default=2, help="full epochs per run (default 2)")
+    parser.add_argument("--report", action="store_true", help="only write the table and the plot")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.epochs < 1:
+        parser.error("--jobs and --epochs must be >= 1")
+    if args.runs:
+        wanted = []
+        for item in args.runs.split(","):
+            model, _, seed = item.partition(":")
+            if model not in MODELS or not seed.isdigit():
+                parser.error(f"bad run {item!r}: give MODEL:SEED with MODEL one of {', '.join(ORDER)}")
+            wanted.append((model, int(seed)))
+    else:
+        wanted = [(m, s) for s in SEEDS for m in ORDER]
+    results = load_results()
+    if not args.report:
+        if not os.path.exists(os.path.join(DATA, "dict.txt")):
+            say("preparing WikiText-2 (scripts/prepare-wikitext2.sh)")
+            subprocess.run(["bash", os.path.join(ROOT, "scripts", "prepare-wikitext2.sh")], cwd=ROOT,
+                           check=True)
+        done = {(r["model"], r["seed"]) for r in results["runs"]}
+        todo = [(m, s) for m, s in wanted if (m, s) not in done]
+        say(f"{len(wanted) - len(todo)} of {len(wanted)} runs already have results; {len(todo)} to go "
+            f"({args.jobs} at a time, logs in {WORK})")
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = {pool.submit(train_and_evaluate, m, s, args.epochs): (m, s) for m, s in todo}
+            for future in concurrent.futures.as_completed(futures):
+                model, seed = futures[future]
+                try:
+                    result = future.result()
+                except RuntimeError as error:
+                    say(f"{model} seed {seed} failed: {error}")
+                    continue
+                results = load_results()
+                results["runs"] = [r for r in results["runs"] if (r["model"], r["seed"]) != (model, seed)]
+                results["runs"].append(result)
+                save_results(results)
+                say(f"{model} seed {seed}: valid ppl {result['valid_ppl']:.2f}, test ppl "
+                    f"{result['test_ppl']:.2f} ({result['wall_s']} s)")
+    report(load_results())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
