@@ -133,3 +133,14 @@ def dense_hierarchical_moe(layer, x, padding_mask=None):
     importance = G_full.sum(0)
     loss = layer.w_importance * cv2(importance) + layer.w_load * cv2(load) + aux
     return y.reshape(*x.shape[:-1], -1), loss, importance, load
+
+
+def randomise_gates(layer, scale=1.0):
+    """Gates start at zero (App. A); give them random weights so routing is non-trivial."""
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "w_gate" in name or "w_noise" in name:
+                p.copy_(torch.randn_like(p) * scale)
+            if "log_thresholds" in name:
+                p.copy_(torch.log(torch.rand_like(p) * 2 / p.numel()))
+    return layer

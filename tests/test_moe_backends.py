@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from moe_reference import dense_hierarchical_moe, dense_moe  # noqa: E402
+from moe_reference import dense_hierarchical_moe, dense_moe, randomise_gates  # noqa: E402
 
 from fairseq_smoe import ops  # noqa: E402
 from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer  # noqa: E402
@@ -28,16 +28,6 @@ BACKENDS = ["grouped_mm", "triton"]
 GATINGS = ["noisy_top_k", "top_k", "softmax", "batchwise"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 FP32 = dict(atol=1e-5, rtol=1e-5)
-
-
-def randomise_gates(layer, scale=1.0):
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if "w_gate" in name or "w_noise" in name:
-                p.copy_(torch.randn_like(p) * scale)
-            if "log_thresholds" in name:
-                p.copy_(torch.log(torch.rand_like(p) * 2 / p.numel()))
-    return layer
 
 
 def build(kind, gating, backend, device="cpu", dtype=torch.float32, recompute=False, **sizes):

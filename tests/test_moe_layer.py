@@ -3,23 +3,12 @@ balance statistics and gradients), gradcheck in float64, padding, dtypes, argume
 
 import pytest
 import torch
-from moe_reference import dense_hierarchical_moe, dense_moe
+from moe_reference import dense_hierarchical_moe, dense_moe, randomise_gates
 from torch.func import functional_call
 
 from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer
 
 GATINGS = ["noisy_top_k", "top_k", "softmax", "batchwise"]
-
-
-def randomise_gates(layer, scale=1.0):
-    """Gates start at zero (App. A); give them random weights so routing is non-trivial."""
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if "w_gate" in name or "w_noise" in name:
-                p.copy_(torch.randn_like(p) * scale)
-            if "log_thresholds" in name:
-                p.copy_(torch.log(torch.rand_like(p) * 2 / p.numel()))
-    return layer
 
 
 def make_flat(gating, k=2, num_experts=6, layers=1):
