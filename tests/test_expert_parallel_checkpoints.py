@@ -234,14 +234,15 @@ def test_reshard_missing_or_corrupt_inputs_write_nothing(tmp_path, capsys, monke
     with open(shard, "wb") as f:
         f.write(data)
     calls = []
+    real_save = torch.save
 
     def failing_save(state, path):  # the disk fills up at the second file
         calls.append(path)
         if len(calls) == 2:
             raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-        torch.save(state, path)
+        real_save(state, path)
 
-    monkeypatch.setattr(script.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     line = refused(script, capsys, base, "-n", "2", "-o", str(out))
     assert "cannot write" in line and "nothing was written" in line
     assert os.listdir(tmp_path / "new") == []  # no output, no temporary file

@@ -1,0 +1,1 @@
+"""Helpers of the command-line tools in scripts/ (no fairseq import)."""
