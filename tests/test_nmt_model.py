@@ -98,6 +98,53 @@ def test_encoder_ignores_padding_side_and_batch_mates():
         assert out["encoder_out"][pad].abs().max() == 0
 
 
+@pytest.mark.parametrize("proj", [False, True])
+def test_bidirectional_layer_equals_packed_sequences(proj):
+    """run_lstm's in-place reversal (no host read) computes what packing computes: the backward
+    direction starts at each sentence's last real token; padding outputs are 0."""
+    torch.manual_seed(0)
+    lstm = nmt.make_lstm(8, 4 if proj else 6, 6, "--hidden", bidirectional=True)
+    lengths_B = torch.tensor([7, 3, 5, 1])
+    x_BTD = torch.randn(4, 7, 8, requires_grad=True)
+    out_BTD = nmt.run_lstm(lstm, x_BTD, lengths_B)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x_BTD, lengths_B, batch_first=True,
+                                                     enforce_sorted=False)
+    expected_BTD = torch.nn.utils.rnn.pad_packed_sequence(lstm(packed)[0], batch_first=True,
+                                                          total_length=7)[0]
+    torch.testing.assert_close(out_BTD, expected_BTD, atol=1e-6, rtol=1e-5)
+    weights = torch.randn_like(out_BTD)
+    grads = torch.autograd.grad((out_BTD * weights).sum(), [x_BTD, *lstm.parameters()])
+    expected = torch.autograd.grad((expected_BTD * weights).sum(), [x_BTD, *lstm.parameters()])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_training_step_adds_no_host_reads(backend):
+    """Encoder (left-padded sources, bidirectional first layer) and decoder with noisy top-k MoE
+    layers on a device-resident backend: a training step reads nothing back to the host."""
+    from fairseq_smoe.ops.counting import count_step
+
+    dictionary = make_dictionary()
+    model = build_model(dictionary=dictionary, moe_gating="noisy_top_k",
+                        moe_experts_backend=backend).train()
+    src, lengths, prev = random_batch(dictionary)
+    prev[1, -2:] = dictionary.pad()
+
+    def step():
+        logits, extra = model(src, lengths, prev)
+        (logits.logsumexp(-1).mean() + sum(s.loss for s in extra["moe_stats"].values())).backward()
+
+    step()  # warm-up: lazy initialisation may read
+    with count_step() as counts:
+        step()
+    assert counts.host_reads == []
+    with count_step() as counts:  # the counter sees reads: the loop backend reads its counts
+        build_model(dictionary=dictionary, moe_gating="noisy_top_k",
+                    moe_experts_backend="loop").train()(src, lengths, prev)
+    assert counts.host_reads
+
+
 def test_training_step_routes_every_expert_exactly_m_tokens_and_pads_never():
     dictionary = make_dictionary()
     model = build_model(dictionary=dictionary).train()

@@ -32,7 +32,6 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fairseq import utils
 from fairseq.models import (
     FairseqEncoder,
     FairseqEncoderDecoderModel,
@@ -67,18 +66,39 @@ def make_lstm(input_size: int, output_size: int, hidden_size: int, flag: str,
 
 
 def run_lstm(lstm: nn.LSTM, x_BTD: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-    """Run an LSTM over right-padded sequences. A bidirectional layer runs packed, so its
-    backward direction starts at each sentence's last real token (padding outputs are 0). A
-    unidirectional layer runs on the padded batch as is: with padding on the right, real
-    positions never see it, and the faster unpacked kernels apply (padding outputs are
-    garbage; the caller masks them)."""
+    """Run an LSTM over right-padded sequences. A unidirectional layer runs on the padded batch
+    as is: with padding on the right, real positions never see it (padding outputs are garbage;
+    the caller masks them). A bidirectional layer's backward direction must start at each
+    sentence's last real token: its input is each row's real tokens reversed in place (padding
+    stays on the right), so that direction also runs unpacked, and its output is reversed back.
+    Packing would do the same but needs the lengths on the host, a GPU sync per call; this
+    reads nothing back. Padding outputs of a bidirectional layer are 0."""
     if not lstm.bidirectional:
         return lstm(x_BTD)[0]
-    packed = nn.utils.rnn.pack_padded_sequence(x_BTD, lengths_B.cpu(), batch_first=True,
-                                               enforce_sorted=False)
-    out, _ = lstm(packed)
-    out_BTD, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x_BTD.shape[1])
-    return out_BTD
+    T = x_BTD.shape[1]
+    time_T = torch.arange(T, device=x_BTD.device)
+    real_BT = time_T[None, :] < lengths_B[:, None]
+    # t ↦ length-1-t on real positions, t ↦ t on padding: its own inverse.
+    reverse_BT = torch.where(real_BT, lengths_B[:, None] - 1 - time_T[None, :], time_T[None, :])
+    forward_BTH = _run_direction(lstm, x_BTD, "")
+    reverse_BTD = reverse_BT.unsqueeze(-1)
+    backward_BTH = _run_direction(lstm, x_BTD.gather(1, reverse_BTD.expand_as(x_BTD)), "_reverse")
+    backward_BTH = backward_BTH.gather(1, reverse_BTD.expand_as(backward_BTH))
+    out_BTD = torch.cat([forward_BTH, backward_BTH], dim=-1)
+    return out_BTD.masked_fill(~real_BT.unsqueeze(-1), 0.0)
+
+
+def _run_direction(lstm: nn.LSTM, x_BTD: torch.Tensor, suffix: str) -> torch.Tensor:
+    """One direction of a one-layer ``lstm`` (its parameters ``*_l0{suffix}``) from zero state."""
+    names = ["weight_ih_l0", "weight_hh_l0"] + (["bias_ih_l0", "bias_hh_l0"] if lstm.bias else []) \
+        + (["weight_hr_l0"] if lstm.proj_size > 0 else [])
+    weights = [getattr(lstm, name + suffix) for name in names]
+    B = x_BTD.shape[0]
+    h0 = x_BTD.new_zeros(1, B, lstm.proj_size or lstm.hidden_size)
+    c0 = x_BTD.new_zeros(1, B, lstm.hidden_size)
+    out_BTH, _, _ = torch.lstm(x_BTD, (h0, c0), weights, lstm.bias, 1, 0.0, lstm.training,
+                               False, True)
+    return out_BTH
 
 
 def make_embedding(num_embeddings: int, dim: int, padding_idx: int) -> nn.Embedding:
@@ -122,10 +142,15 @@ class LSTMMoEEncoder(FairseqEncoder):
         self.moe = ResidualMoE(moe, args.dropout) if moe is not None else None
 
     def forward(self, src_tokens: torch.Tensor, src_lengths: Optional[torch.Tensor] = None, **kwargs):
-        # The LSTMs run on right padding (packing needs it); fairseq's translation task left-pads
-        # sources by default. The outputs go back to the caller's layout, so attention weights
-        # index the caller's source positions (fairseq-generate --print-alignment).
-        right_tokens = utils.convert_padding_direction(src_tokens, self.padding_idx, left_to_right=True)
+        # The LSTMs run on right padding; fairseq's translation task left-pads sources by
+        # default. A stable sort of the padding flags moves each row's real tokens to the front
+        # in order, whichever side the padding is on, without reading anything back (fairseq's
+        # convert_padding_direction tests the layout on the host). The outputs go back to the
+        # caller's layout, so attention weights index the caller's source positions
+        # (fairseq-generate --print-alignment).
+        caller_padding_BS = src_tokens.eq(self.padding_idx)
+        order_BS = torch.sort(caller_padding_BS.to(torch.uint8), dim=1, stable=True).indices
+        right_tokens = src_tokens.gather(1, order_BS)
         padding_mask_BS = right_tokens.eq(self.padding_idx)
         lengths_B = (~padding_mask_BS).sum(1)
         x_BSD = self.dropout(self.embed_tokens(right_tokens))
@@ -136,15 +161,13 @@ class LSTMMoEEncoder(FairseqEncoder):
                 x_BSD, moe_stats["encoder_moe"] = self.moe(x_BSD, padding_mask_BS)
             x_BSD = x_BSD + self.dropout(run_lstm(lstm, x_BSD, lengths_B))
         x_BSD = x_BSD.masked_fill(padding_mask_BS.unsqueeze(-1), 0.0)
-        if right_tokens is not src_tokens:  # the input was left-padded: shift each row back
-            padding_mask_BS = src_tokens.eq(self.padding_idx)
-            S = src_tokens.shape[1]
-            left_pads_B = padding_mask_BS.sum(1)
-            index_BS = (torch.arange(S, device=x_BSD.device)[None, :] - left_pads_B[:, None]) % S
-            x_BSD = x_BSD.gather(1, index_BS.unsqueeze(-1).expand(-1, -1, x_BSD.shape[-1]))
+        # Back to the caller's positions: the inverse permutation of order_BS.
+        positions_BS = torch.arange(src_tokens.shape[1], device=src_tokens.device).expand_as(order_BS)
+        inverse_BS = torch.empty_like(order_BS).scatter_(1, order_BS, positions_BS)
+        x_BSD = x_BSD.gather(1, inverse_BS.unsqueeze(-1).expand_as(x_BSD))
         return {
             "encoder_out": x_BSD,  # [B, S, D]
-            "encoder_padding_mask": padding_mask_BS,  # [B, S], True = padding
+            "encoder_padding_mask": caller_padding_BS,  # [B, S], True = padding
             "moe_stats": moe_stats,  # per batch, not per sentence: never reordered
         }
 

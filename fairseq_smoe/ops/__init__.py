@@ -32,9 +32,18 @@ Interface (``get_backend(name, device, dtype, dims)`` returns one of these objec
 """
 
 import os
+import sys
 from typing import Sequence
 
 import torch
+
+# Without CUDA the triton backend runs under Triton's interpreter, and triton builds its own
+# helpers (tl.zeros, ...) for the interpreter only when TRITON_INTERPRET is set at its first
+# import, which torch._dynamo may do at any moment: set it before anything can (triton_experts
+# refuses clearly if triton came first).
+if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules \
+        and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 BACKENDS = ("auto", "loop", "grouped_mm", "triton")
 

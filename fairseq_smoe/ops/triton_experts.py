@@ -15,8 +15,9 @@ small table built on the device (``_tile_table``: a cumsum and a searchsorted) m
 to its group and first row, and programs past the last tile return at once. Rows of the dropped
 tail (past the last offset) are never touched: outputs start zeroed.
 
-On CPU the same kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set here when
-no CUDA device is present and the variable is unset, before triton is imported). The interpreter
+On CPU the same kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by
+``fairseq_smoe.ops`` when no CUDA device is present and the variable is unset, before triton is
+imported). The interpreter
 evaluates a bf16 ``tl.dot`` wrongly (numpy has no bf16), so there the operands are widened to
 fp32 first; on a GPU they go to the tensor cores as they are.
 
@@ -32,17 +33,24 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .resident import ResidentBackend
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 except ImportError as error:  # pragma: no cover - exercised only without triton
     raise ImportError("backend 'triton' needs the triton package (pip install 'triton==3.9.*', "
                       "an optional dependency of fairseq-smoe); or use backend 'loop' or "
                       "'grouped_mm'") from error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET and not isinstance(tl.zeros, InterpretedFunction):
+    # triton builds its own helpers (tl.zeros, tl.sum, ...) for the interpreter only when
+    # TRITON_INTERPRET is set at its import; imported earlier (torch._dynamo imports it), our
+    # kernels would fail with "Cannot call @triton.jit'd outside of the scope of a kernel".
+    raise ImportError("triton was imported before TRITON_INTERPRET=1 was set, so its interpreter "
+                      "cannot run the triton backend on CPU: set TRITON_INTERPRET=1 in the "
+                      "environment, or import fairseq_smoe before anything that imports triton "
+                      "or torch._dynamo")
 
 # Kernel launches since import (the benchmark's launch proxy), and a dry-run switch for counting
 # launches at sizes the interpreter would take minutes for: with it, launches are counted and
