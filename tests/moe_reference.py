@@ -115,13 +115,13 @@ def dense_hierarchical_moe(layer, x, padding_mask=None):
     # Noisy secondary gates: one draw for the rows of all groups, X^(1) first (as the layer),
     # shaped for all T·k_primary primary assignments (padding ones last, unused).
     noise = None
-    if layer.training and getattr(layer.secondary_gates[0], "noisy", False):
+    if layer.training and layer.secondary_gates.gating == "noisy_top_k":
         real_rows = sum(len(r) for r in group_rows)
         noise = gate_noise(x_TD.shape[0] * layer.k_primary, b,
                            torch.promote_types(real.dtype, torch.float32), x.device)[:real_rows]
         noise = torch.split(noise, [len(r) for r in group_rows])
     for i, rows in enumerate(group_rows):
-        G_i, load_i, aux_i = dense_gate(layer.secondary_gates[i], real[rows], layer.training,
+        G_i, load_i, aux_i = dense_gate(layer.secondary_gates.group_gate(i), real[rows], layer.training,
                                         noise=None if noise is None else noise[i])
         G_full[rows, i] = G_primary[rows, i : i + 1] * G_i
         load[i] = load_primary[i] * load_i / max(len(rows), 1)

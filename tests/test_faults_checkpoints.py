@@ -467,3 +467,59 @@ def test_worker_killed_during_a_save_resume_names_the_last_consistent_checkpoint
                          *args, 4, "--restore-file", good, timeout=300)
     assert status == 0, output[-3000:]
     assert "checkpoint_1_3.pt (epoch 1 @ 3 updates)" in output and "num_updates 4" in output
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint from before the hierarchical layer stacked its secondary gates' weights
+
+
+def as_old_hierarchical_checkpoint(path):
+    """Rewrite ``path`` as the older fairseq-smoe wrote it: one parameter per secondary gate
+    ("secondary_gates.{i}.w_gate", ...), so Adam's state had that many more parameters."""
+    raw = torch.load(path, weights_only=False)
+    raw.pop(CHECKSUM_KEY)
+    model, extra = OrderedDict(), 0
+    for key, tensor in raw["model"].items():
+        head, _, name = key.rpartition(".")
+        if head.endswith("secondary_gates") and name in ("w_gate", "w_noise", "log_thresholds"):
+            for i in range(tensor.shape[0]):
+                model[f"{head}.{i}.{name}"] = tensor[i].clone()
+            extra += tensor.shape[0] - 1
+        else:
+            model[key] = tensor
+    assert extra > 0
+    raw["model"] = model
+    group = raw["last_optimizer_state"]["param_groups"][0]
+    group["params"] = list(range(len(group["params"]) + extra))
+    torch.save(raw, path)
+
+
+@pytest_slow
+def test_old_hierarchical_checkpoint_loads_and_resume_names_reset_optimizer(corpus, tmp_path):  # noqa: F811
+    """The model converts on load (fairseq-eval-lm works on the old file); a resume stops with
+    one line naming --reset-optimizer (Adam's moments cannot convert), and with it goes on."""
+    import shutil
+
+    root, _ = corpus
+    run_dir = tmp_path / "run"
+    hierarchical = [*TRAIN_ARGS[:4], "--arch", "lstm_moe_lm_tiny_h", *TRAIN_ARGS[6:]]
+    status, output = run("fairseq-train", root / "bin", "--save-dir", run_dir, *hierarchical[:-1], 3)
+    assert status == 0, output[-3000:]
+    assert any(k.endswith("secondary_gates.w_gate") for k in load(run_dir / "checkpoint_last.pt")["model"])
+    old = tmp_path / "old.pt"
+    shutil.copy(run_dir / "checkpoint_last.pt", old)
+    as_old_hierarchical_checkpoint(old)
+    assert any(k.endswith("secondary_gates.0.w_gate") for k in load(old)["model"])
+    status, output = run("fairseq-eval-lm", root / "bin", "--user-dir", "fairseq_smoe", "--path", old,
+                         "--gen-subset", "test", "--tokens-per-sample", 32, "--max-tokens", 1024, "--cpu")
+    assert status == 0 and "Perplexity" in output, output[-3000:]
+
+    status, output = run("fairseq-train", root / "bin", "--save-dir", run_dir, "--restore-file", old,
+                         *hierarchical)
+    assert status == 2, output[-3000:]
+    lines = error_lines(output)
+    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    assert "--reset-optimizer" in lines[0] and "secondary gate" in lines[0]
+    status, output = run("fairseq-train", root / "bin", "--save-dir", run_dir, "--restore-file", old,
+                         "--reset-optimizer", *hierarchical)
+    assert status == 0 and "done training" in output, output[-3000:]

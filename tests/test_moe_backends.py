@@ -251,13 +251,12 @@ def test_operator_count_is_flat_in_experts_and_tokens(backend, gating, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("gating", ["noisy_top_k", "top_k", "softmax"])
+@pytest.mark.parametrize("gating", ["noisy_top_k", "top_k", "softmax", "batchwise"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hierarchical_operator_count_is_flat_in_tokens_and_groups(backend, gating, device):
-    """Flat in tokens; in groups only autograd's per-parameter bookkeeping of the a secondary
-    gates' parameters remains (they are separate nn.Parameters): per parameter the view that
-    ``stack``'s backward hands it and its gradient's copy (with noise the cat's view too). The
-    secondary products, top-k and load are one pass for all groups."""
+    """The secondary gates' weights are stacked by group (secondary_gates.py): their products,
+    routing, loads and L_batchwise are one pass for all groups, so a step issues the same
+    operators for 4 or 8 groups, 16 or 48 tokens."""
     def kernels(groups, tokens):
         layer = build("hierarchical", gating, backend, device=device, groups=groups)
         x = torch.randn(tokens // 8, 8, 8, device=device, requires_grad=True)
@@ -266,10 +265,9 @@ def test_hierarchical_operator_count_is_flat_in_tokens_and_groups(backend, gatin
         layer.zero_grad(set_to_none=True)
         return _resident_step(layer, x, mask, dry_run=True).kernels
 
-    per_gate = 2 * 3 if gating == "noisy_top_k" else 2
     base = kernels(4, 16)
     assert kernels(4, 48) == base
-    assert kernels(8, 16) - base == per_gate * 4
+    assert kernels(8, 16) == base
 
 
 def test_backend_choice_and_errors(monkeypatch):

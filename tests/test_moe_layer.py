@@ -335,3 +335,25 @@ def test_half_precision_experts_are_not_chunked(monkeypatch):
 
 # The grouped_mm and triton backends (fairseq_smoe/ops) against the loop and the dense reference,
 # their choice and errors: tests/test_moe_backends.py.
+
+
+@pytest.mark.parametrize("gating", ["noisy_top_k", "batchwise"])
+def test_hierarchical_state_dict_with_one_gate_per_group_loads(gating):
+    """Checkpoints of the layer before its secondary gates were stacked (one w_gate, w_noise,
+    thresholds or log_thresholds per group) load into the stacked parameters."""
+    layer = randomise_gates(HierarchicalMoELayer(8, 8, 3, 4, 16, gating=gating))
+    old = {}
+    for key, tensor in layer.state_dict().items():
+        head, _, name = key.rpartition(".")
+        if head == "secondary_gates":
+            for i in range(3):
+                if name == "log_thresholds":  # the oldest files stored T itself
+                    old[f"{head}.{i}.thresholds"] = tensor[i].exp()
+                else:
+                    old[f"{head}.{i}.{name}"] = tensor[i].clone()
+        else:
+            old[key] = tensor
+    loaded = HierarchicalMoELayer(8, 8, 3, 4, 16, gating=gating)
+    loaded.load_state_dict(old)
+    for key, tensor in layer.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], tensor)

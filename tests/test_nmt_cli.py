@@ -151,7 +151,7 @@ def test_hierarchical_preset_trains_and_resumes(reversal_data, tmp_path):
     state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["args"] is None or state["args"].arch == "lstm_moe_nmt_tiny_h" or \
         state["cfg"]["model"].arch == "lstm_moe_nmt_tiny_h"
-    assert any("secondary_gates.1" in key for key in state["model"])
+    assert any(key.endswith("secondary_gates.w_gate") for key in state["model"])  # [a, d, b]
     # Resume: the same command with a larger --max-update continues from update 10.
     log = train(reversal_data, tmp_path, "lstm_moe_nmt_tiny_h", 16, "--max-tokens", "300")
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", log), log[-3000:]

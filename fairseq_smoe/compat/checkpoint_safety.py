@@ -420,7 +420,19 @@ def install() -> None:
     @functools.wraps(load_checkpoint)
     def checked_load_checkpoint(cfg, trainer, **passthrough_args):
         check_restore_file(cfg, trainer.checkpoint_suffix, path_manager.isfile)
-        return load_checkpoint(cfg, trainer, **passthrough_args)
+        try:
+            return load_checkpoint(cfg, trainer, **passthrough_args)
+        except ValueError as error:
+            if "doesn't match the size of optimizer's group" not in str(error):
+                raise
+            # torch's words for an optimizer state saved for other parameters: e.g. a
+            # checkpoint from before the hierarchical layer stacked its secondary gates'
+            # weights (the model converts on load; Adam's moments cannot).
+            raise ValueError(
+                "the optimizer state of the checkpoint does not fit this model's parameters "
+                "(saved by an older fairseq-smoe, whose hierarchical MoE kept one parameter per "
+                "secondary gate, or by a different model): resume with --reset-optimizer to "
+                "keep the weights and start new optimizer moments") from None
 
     checkpoint_utils.load_checkpoint = checked_load_checkpoint
 

@@ -91,60 +91,23 @@ def _counts(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, expert_A, torch.ones_like(expert_A))[:num_experts]
 
 
-class NoisyTopKGate(nn.Module):
-    """Noisy top-k gating (§2.1, eq. 3-5), and plain top-k when ``noisy`` is False.
+class TopKRouter(nn.Module):
+    """The routing of noisy top-k gating (§2.1, eq. 3-5; plain top-k when ``noisy`` is False)
+    from logits already projected: H(x), KeepTopK, the softmax over the kept k and the smooth
+    load. No parameters: ``NoisyTopKGate`` adds W_g and W_noise, the hierarchical layer's
+    ``SecondaryGates`` the stacked weights of all its groups. Noise is drawn only when
+    ``self.training``."""
 
-    W_g and W_noise start at zero (App. A), so at initialisation every expert is equally
-    likely and the noise alone decides. Noise is drawn only when ``self.training``.
-    """
-
-    def __init__(self, input_dim: int, num_experts: int, k: int, noisy: bool = True,
-                 noise_epsilon: float = 1e-2):
+    def __init__(self, num_experts: int, k: int, noisy: bool = True, noise_epsilon: float = 1e-2):
         super().__init__()
         self.num_experts, self.k, self.noisy = num_experts, k, noisy
         self.noise_epsilon = noise_epsilon
-        self.w_gate = nn.Parameter(torch.zeros(input_dim, num_experts))
-        self.w_noise = nn.Parameter(torch.zeros(input_dim, num_experts)) if noisy else None
         # Reused noise and logit-gradient buffers between steps on CPU (workspace.py); not state.
         self.workspace = Workspace()
-
-    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
-                resident: bool = False) -> GateOutput:
-        """``resident``: the device-resident routing of the grouped backends (one pass over all
-        rows, noise from the device's generator; see fairseq_smoe/ops)."""
-        E, k = self.num_experts, self.k
-        T = x_TD.shape[0]
-        logits_T2E = project(x_TD, self.projection())
-        gate_TK, expert_TK, load_E = self.route(logits_T2E, valid_T, resident=resident)
-        if valid_T is not None:
-            expert_TK = torch.where(valid_T[:, None], expert_TK, E)
-            gate_TK = gate_TK * valid_T[:, None]
-
-        expert_A, gate_A = expert_TK.reshape(-1), gate_TK.reshape(-1)
-        counts_E = _counts(expert_A, E)
-        if load_E is None:
-            load_E = counts_E.to(logits_T2E.dtype)  # deterministic without noise or with k = n
-        return GateOutput(
-            row_A=torch.arange(T, device=x_TD.device).repeat_interleave(k),
-            expert_A=expert_A,
-            gate_A=gate_A,
-            importance_E=_per_expert_sum(expert_A, gate_A, E),
-            load_E=load_E,
-            counts_E=counts_E,
-            aux_loss=logits_T2E.new_zeros(()),
-            num_rows=_num_real_rows(valid_T, T),
-        )
 
     @property
     def adds_noise(self) -> bool:
         return self.training and self.noisy
-
-    def projection(self) -> torch.Tensor:
-        """The weights the gate multiplies x by: [W_g | W_noise] (one matmul for both
-        projections) when it adds noise, else W_g."""
-        if self.adds_noise:
-            return torch.cat([self.w_gate, self.w_noise], dim=1)
-        return self.w_gate
 
     def route(self, logits_T2E: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
               segment_rows: Optional[Sequence[int]] = None, resident: bool = False,
@@ -179,6 +142,54 @@ class NoisyTopKGate(nn.Module):
         """N(0, 1) noise shaped like the clean logits (noisy_topk.gate_noise)."""
         return gate_noise(clean_TE.shape[0], clean_TE.shape[1], clean_TE.dtype, clean_TE.device,
                           self.workspace)
+
+
+class NoisyTopKGate(TopKRouter):
+    """Noisy top-k gating (§2.1, eq. 3-5), and plain top-k when ``noisy`` is False.
+
+    W_g and W_noise start at zero (App. A), so at initialisation every expert is equally
+    likely and the noise alone decides.
+    """
+
+    def __init__(self, input_dim: int, num_experts: int, k: int, noisy: bool = True,
+                 noise_epsilon: float = 1e-2):
+        super().__init__(num_experts, k, noisy, noise_epsilon)
+        self.w_gate = nn.Parameter(torch.zeros(input_dim, num_experts))
+        self.w_noise = nn.Parameter(torch.zeros(input_dim, num_experts)) if noisy else None
+
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
+                resident: bool = False) -> GateOutput:
+        """``resident``: the device-resident routing of the grouped backends (one pass over all
+        rows, noise from the device's generator; see fairseq_smoe/ops)."""
+        E, k = self.num_experts, self.k
+        T = x_TD.shape[0]
+        logits_T2E = project(x_TD, self.projection())
+        gate_TK, expert_TK, load_E = self.route(logits_T2E, valid_T, resident=resident)
+        if valid_T is not None:
+            expert_TK = torch.where(valid_T[:, None], expert_TK, E)
+            gate_TK = gate_TK * valid_T[:, None]
+
+        expert_A, gate_A = expert_TK.reshape(-1), gate_TK.reshape(-1)
+        counts_E = _counts(expert_A, E)
+        if load_E is None:
+            load_E = counts_E.to(logits_T2E.dtype)  # deterministic without noise or with k = n
+        return GateOutput(
+            row_A=torch.arange(T, device=x_TD.device).repeat_interleave(k),
+            expert_A=expert_A,
+            gate_A=gate_A,
+            importance_E=_per_expert_sum(expert_A, gate_A, E),
+            load_E=load_E,
+            counts_E=counts_E,
+            aux_loss=logits_T2E.new_zeros(()),
+            num_rows=_num_real_rows(valid_T, T),
+        )
+
+    def projection(self) -> torch.Tensor:
+        """The weights the gate multiplies x by: [W_g | W_noise] (one matmul for both
+        projections) when it adds noise, else W_g."""
+        if self.adds_noise:
+            return torch.cat([self.w_gate, self.w_noise], dim=1)
+        return self.w_gate
 
 
 class SoftmaxGate(nn.Module):
@@ -232,15 +243,18 @@ def threshold_mask(probs_TE: torch.Tensor, thresholds_E: torch.Tensor) -> torch.
     return probs_TE > thresholds_E
 
 
+def batchwise_threshold_terms(probs_TE, thresholds_E, mask_threshold_TE, mask_batchwise_TE):
+    """The terms (M_threshold − M_batchwise)_{j,i} (G_σ(x_j)_i − T_i) of L_batchwise (App. F,
+    eq. 18), [T, E]. Every term is ≥ 0 and vanishes where the masks agree. G_σ is detached,
+    so the gradient reaches only T (see module docstring)."""
+    disagreement_TE = mask_threshold_TE.to(probs_TE.dtype) - mask_batchwise_TE.to(probs_TE.dtype)
+    return disagreement_TE * (probs_TE.detach() - thresholds_E)
+
+
 def batchwise_threshold_loss(probs_TE, thresholds_E, mask_threshold_TE, mask_batchwise_TE,
                              valid_T=None) -> torch.Tensor:
-    """L_batchwise (App. F, eq. 18) averaged over real rows:
-    Σ_j Σ_i (M_threshold − M_batchwise)_{j,i} (G_σ(x_j)_i − T_i).
-
-    Every term is ≥ 0 and vanishes where the masks agree. G_σ is detached, so the gradient
-    reaches only T (see module docstring)."""
-    disagreement_TE = mask_threshold_TE.to(probs_TE.dtype) - mask_batchwise_TE.to(probs_TE.dtype)
-    terms_TE = disagreement_TE * (probs_TE.detach() - thresholds_E)
+    """L_batchwise (App. F, eq. 18) averaged over real rows: Σ_j Σ_i of the terms above."""
+    terms_TE = batchwise_threshold_terms(probs_TE, thresholds_E, mask_threshold_TE, mask_batchwise_TE)
     if valid_T is not None:
         terms_TE = terms_TE * valid_T[:, None]
     num_rows = max(terms_TE.shape[0], 1) if valid_T is None else valid_T.sum().clamp_min(1)
