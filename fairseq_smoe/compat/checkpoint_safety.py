@@ -30,6 +30,9 @@ fairseq 0.12's ``checkpoint_utils``:
   exist stops the run before anything is loaded or written (fairseq started from scratch and
   then overwrote ``checkpoint_last.pt``). The default, ``checkpoint_last.pt`` in ``--save-dir``,
   still starts fresh when absent. A missing ``--finetune-from-model`` gets the same one line.
+  An optimizer state saved for other parameters (an older hierarchical checkpoint: one
+  parameter per secondary gate) ends with one line naming ``--reset-optimizer``, not torch's
+  ValueError.
 * ``load_model_ensemble_and_task`` (``--path`` of fairseq-eval-lm/-generate/-validate/
   -interactive): a missing file ends with one line instead of fairseq's IOError traceback.
 """
