@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer
-from fairseq_smoe.modules.gating import NoisyTopKGate
+from fairseq_smoe.modules.gating import TopKRouter
 
 WORLD = 2
 ROWS = 19
@@ -32,8 +32,9 @@ def free_port() -> int:
 
 
 def deterministic_noise(gate, t):
-    """Stands in for the gate's noise draw (``NoisyTopKGate.draw_noise``): the same 'noise' for
-    a row whatever batch it is in, so split and unsplit runs see identical noisy logits."""
+    """Stands in for the gates' noise draw (``TopKRouter.draw_noise``, every noisy gate's): the
+    same 'noise' for a row whatever batch it is in, so split and unsplit runs see identical
+    noisy logits."""
     columns = torch.arange(t.shape[-1], dtype=t.dtype, device=t.device)
     return torch.sin(3.0 * t.detach() + 0.7 * columns + 0.3)
 
@@ -109,7 +110,7 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     torch.set_num_threads(1)
-    NoisyTopKGate.draw_noise = deterministic_noise
+    TopKRouter.draw_noise = deterministic_noise
     results = {"layer": _layer_cases(rank)}
     from fairseq_smoe.distributed import setup_expert_parallel
 
@@ -134,7 +135,7 @@ def worker_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(SPLIT))
 def test_expert_parallel_layer_matches_single_process(name, worker_results, monkeypatch):
-    monkeypatch.setattr(NoisyTopKGate, "draw_noise", deterministic_noise)
+    monkeypatch.setattr(TopKRouter, "draw_noise", deterministic_noise)
     layer, x, pad, target = build_case(name)
     layer.train()
     ref = run_layer(layer, x, pad, target, slice(0, ROWS), (~pad).sum())
@@ -246,7 +247,7 @@ def test_fairseq_gradient_contract(backend, worker_results, monkeypatch):
 
     shards = [results[backend] for results in worker_results]
 
-    monkeypatch.setattr(NoisyTopKGate, "draw_noise", deterministic_noise)
+    monkeypatch.setattr(TopKRouter, "draw_noise", deterministic_noise)
     model = TinyModel()
     model.train()
     full_experts = {n: p.detach().clone() for n, p in model.named_parameters()

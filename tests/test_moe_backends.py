@@ -375,3 +375,40 @@ def test_language_model_forward_adds_no_host_reads(backend):
     with count_step() as counts:
         loop(tokens)[0].float().square().mean().backward()
     assert counts.host_reads  # the counter sees the loop's count read
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_the_experts_in_half_precision(backend, kind, device, monkeypatch):
+    """Under autocast (``--amp``) fp32 master weights: the experts' products run in autocast's
+    dtype (bf16 here), as autocast runs a Linear, and their gradients reach the weights in fp32;
+    the outputs are the fp32 step's to bf16 accuracy."""
+    products = []
+    original = torch._grouped_mm
+
+    def watched(a, b, *args, **kwargs):
+        products.append((a.dtype, b.dtype))
+        return original(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", watched)
+    if backend == "triton":
+        from fairseq_smoe.ops import triton_experts
+
+        original_linear = triton_experts.grouped_linear
+
+        def watched_linear(x, w, *args, **kwargs):
+            products.append((x.dtype, w.dtype))
+            return original_linear(x, w, *args, **kwargs)
+
+        monkeypatch.setattr(triton_experts, "grouped_linear", watched_linear)
+    layer = build(kind, "top_k", backend, device=device)
+    x = torch.randn(3, 7, 8, device=device)
+    mask = padding_for((3, 7), device)
+    full = step(layer, x, mask)
+    products.clear()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        half = step(layer, x, mask)
+    assert (torch.bfloat16, torch.bfloat16) in products
+    assert all(p.grad.dtype == torch.float32 for p in layer.parameters() if p.grad is not None)
+    assert_steps_equal(half, full, dict(atol=5e-2, rtol=5e-2))

@@ -21,7 +21,7 @@ from test_expert_parallel import (  # noqa: E402
     run_layer,
 )
 
-from fairseq_smoe.modules.gating import NoisyTopKGate  # noqa: E402
+from fairseq_smoe.modules.gating import TopKRouter  # noqa: E402
 from fairseq_smoe.ops.counting import count_step  # noqa: E402
 
 CASES = ["flat", "hierarchical", "empty_worker"]
@@ -33,7 +33,7 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     torch.set_num_threads(1)
-    NoisyTopKGate.draw_noise = deterministic_noise
+    TopKRouter.draw_noise = deterministic_noise
     results = {}
     for name in CASES:
         bounds = SPLIT[name]
@@ -66,7 +66,7 @@ def worker_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", CASES)
 def test_resident_expert_parallel_matches_one_process_loop(name, worker_results, monkeypatch):
-    monkeypatch.setattr(NoisyTopKGate, "draw_noise", deterministic_noise)
+    monkeypatch.setattr(TopKRouter, "draw_noise", deterministic_noise)
     layer, x, pad, target = build_case(name)
     layer.backend = "loop"
     layer.train()

@@ -112,7 +112,9 @@ class MoELayerBase(nn.Module):
         weights = list(self.experts.weights)
         dims = [weights[0].shape[1]] + [w.shape[2] for w in weights]
         backend = getattr(self, "backend", None) or ops.default_backend()  # older pickles
-        return ops.get_backend(backend, x.device, weights[0].dtype, dims)
+        # Under autocast the resident backends run the experts in autocast's dtype: choose for it.
+        dtype = ops.compute_dtype(weights[0].dtype, x.device.type)
+        return ops.get_backend(backend, x.device, dtype, dims)
 
     def _experts_and_combine(self, backend, x_TD, row_A, expert_A, gate_A):
         """Group assignments by expert, run each expert once on its rows, add back (eq. 1)."""

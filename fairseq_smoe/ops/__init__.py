@@ -63,6 +63,15 @@ def default_backend() -> str:
     return value
 
 
+def compute_dtype(param_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype the resident backends run the experts' products in: the parameters', or under
+    autocast (``--amp``) autocast's half type for fp32 master weights, as autocast runs a
+    ``Linear``. (The loop keeps the parameters' dtype: on CPU, fp32 products are the fast ones.)"""
+    if param_dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return param_dtype
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import compute_dtype
 from .grouping import Grouping
 
 
@@ -45,6 +46,10 @@ def reference_linear(x_SD, grouping: Grouping, weight_GIO, bias_GO=None, relu=Fa
 
 
 def _feed_forward(linear, grouping, x_SD, *params):
+    # Parameters to the rows' dtype: a no-op, or under autocast the half copies of fp32 master
+    # weights (differentiable: their gradients reach the weights in fp32; inside the recompute
+    # checkpoint, so the copies are made again in backward rather than kept).
+    params = [p.to(x_SD.dtype) for p in params]
     num_layers = len(params) // 2
     h = x_SD
     for layer in range(num_layers):
@@ -82,8 +87,8 @@ class ResidentBackend:
         row_S = row_A.index_select(0, grouping.order_S)
         gate_S = gate_A.index_select(0, grouping.order_S)
         weights, biases = list(experts.weights), list(experts.biases)
-        dtype = weights[0].dtype
-        with torch.autocast(x_TD.device.type, enabled=False):  # the experts run in their dtype
+        dtype = compute_dtype(weights[0].dtype, x_TD.device.type)
+        with torch.autocast(x_TD.device.type, enabled=False):  # our products choose their dtype
             x_SD = self.gather(x_TD, row_S).to(dtype)
             if experts.recompute_activations and torch.is_grad_enabled():  # App. D
                 y_SO = checkpoint(_feed_forward, self.linear, grouping, x_SD, *weights, *biases,
@@ -118,8 +123,9 @@ class ResidentBackend:
                             num_assignments=x_LD.shape[0])
         weights, biases = list(experts.weights), list(experts.biases)
         dtype = x_LD.dtype
+        run_dtype = compute_dtype(weights[0].dtype, x_LD.device.type)
         with torch.autocast(x_LD.device.type, enabled=False):
-            x_LD = x_LD.to(weights[0].dtype)
+            x_LD = x_LD.to(run_dtype)
             if experts.recompute_activations and torch.is_grad_enabled():
                 y_LO = checkpoint(_feed_forward, self.linear, grouping, x_LD, *weights, *biases,
                                   use_reentrant=False)
