@@ -27,7 +27,6 @@ runs go side by side (--jobs), one thread each.
 
 import argparse
 import concurrent.futures
-import json
 import os
 import re
 import statistics
@@ -36,6 +35,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import experiment_tools as tools  # noqa: E402
+
 BIN = os.path.join(ROOT, ".venv", "bin")
 DATA = os.path.join(ROOT, "outputs", "data", "wikitext-2", "bin")
 WORK = os.path.join(ROOT, "outputs", "wikitext2_family")
@@ -57,34 +60,20 @@ SEEDS = (1, 2)
 
 
 def say(message):
-    print(f"[wikitext2_family {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    tools.say("wikitext2_family", message)
 
 
 def load_results():
-    if not os.path.exists(RESULTS_JSON):
-        return {"runs": []}
-    with open(RESULTS_JSON) as f:
-        return json.load(f)
+    return tools.load_json(RESULTS_JSON, {"runs": []})
 
 
 def save_results(results):
-    os.makedirs(RESULTS, exist_ok=True)
     results["runs"].sort(key=lambda r: (ORDER.index(r["model"]), r["seed"]))
-    temp = RESULTS_JSON + ".tmp"
-    with open(temp, "w") as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
-    os.replace(temp, RESULTS_JSON)
+    tools.save_json(results, RESULTS_JSON)
 
 
 def run_logged(cmd, log_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    with open(log_path, "a") as log:
-        status = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if status != 0:
-        with open(log_path) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"{os.path.basename(cmd[0])} failed (status {status}); end of {log_path}:\n{tail}")
+    tools.run_logged(cmd, log_path, ROOT)
 
 
 def train_and_evaluate(model, seed, epochs):
@@ -168,16 +157,9 @@ def report(results):
                      f"{spread('valid_ppl')} | {spread('moe_cv_imp_last_epoch')} | "
                      f"{spread('moe_cv_load_last_epoch')} | {spread('moe_max_load_last_epoch')} | "
                      f"{runs[0]['tokens']:,} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS, "wikitext2.md"), "w") as f:
-        f.write(table)
-    print(table)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib not installed: no plot")
+    tools.write_table(lines, os.path.join(RESULTS, "wikitext2.md"))
+    plt = tools.pyplot("wikitext2_family")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results["runs"]:

@@ -1,0 +1,61 @@
+"""What the long experiment scripts under examples/ share: running a logged command on one
+thread, writing a results file atomically, writing a table, and matplotlib when installed."""
+
+import json
+import os
+import subprocess
+import time
+
+
+def say(tool: str, message: str) -> None:
+    print(f"[{tool} {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_logged(cmd, log_path: str, cwd: str, mode: str = "a") -> None:
+    """Run ``cmd`` with one intra-op thread (two jobs side by side on two cores), its output
+    to ``log_path``; a failure raises RuntimeError with the end of the log."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with open(log_path, mode) as log:
+        status = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if status != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{os.path.basename(cmd[0])} failed (status {status}); end of {log_path}:\n{tail}")
+
+
+def load_json(path: str, empty):
+    if not os.path.exists(path):
+        return empty
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_json(obj, path: str) -> None:
+    """Write ``obj`` to ``path`` through a temporary file: an interrupted run leaves the old one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def write_table(lines, path: str) -> str:
+    table = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(table)
+    print(table)
+    return table
+
+
+def pyplot(tool: str):
+    """matplotlib.pyplot on the Agg backend, or None (with a line saying so) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say(tool, "matplotlib not installed: no plot")
+        return None
+    return plt

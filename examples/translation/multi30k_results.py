@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Multi30k En→De to convergence on CPU: the LSTM-MoE model against its no-MoE twin (issue 15).
+
+Both models are the lstm_moe_nmt layout at CPU size: 256-dim shared embeddings, a bidirectional
+first encoder layer, 3 encoder and 2 decoder residual LSTMs of 256 units, separable attention,
+dropout 0.3, label smoothing 0.1, 4000 tokens a batch. They differ only in the MoE layers:
+
+    moe        two MoE layers (encoder layers 2-3, decoder layers 1-2), 8 experts 256→512→256,
+               k = 2, strictly balanced gating (App. F), w_importance = w_load = 0.01
+    baseline   the same network with both MoE layers removed (lstm_moe_nmt_baseline)
+
+Each trains until greedy validation BLEU (logged every epoch) has not improved for --patience
+epochs (at most --max-epoch). The checkpoint is then chosen on validation only: beam 5 on the
+validation set with checkpoint_best.pt and with the average of the last epoch checkpoints
+(up to 5, ending at the best epoch), the better one decodes test2016 with beam 5. Results go to
+examples/translation/results/: the hypotheses (one line per test sentence in test order, BPE
+removed, lower-cased tokenized like data/multi30k/tok), multi30k.json (BLEU and what was
+chosen), multi30k.md (the table) and multi30k_curves.png.
+
+    .venv/bin/python examples/translation/multi30k_results.py            # everything
+    .venv/bin/python examples/translation/multi30k_results.py --models moe
+    .venv/bin/python examples/translation/multi30k_results.py --report   # table + plot only
+
+It resumes where it stopped: training continues from checkpoint_last.pt in
+outputs/multi30k_results/MODEL/ (git-ignored), finished stages are skipped. The two models
+train side by side (--jobs), one thread each.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import experiment_tools as tools  # noqa: E402
+
+BIN = os.path.join(ROOT, ".venv", "bin")
+DATA = os.path.join(ROOT, "outputs", "data", "multi30k.en-de", "bin")
+REFERENCE = os.path.join(ROOT, "outputs", "data", "multi30k.en-de", "tok", "test.de")
+WORK = os.path.join(ROOT, "outputs", "multi30k_results")
+RESULTS = os.path.join(ROOT, "examples", "translation", "results")
+RESULTS_JSON = os.path.join(RESULTS, "multi30k.json")
+HYP = os.path.join(RESULTS, "multi30k.en-de.test2016.{model}.hyp")
+
+SHARED = ["--encoder-embed-dim", "256", "--encoder-hidden-size", "256", "--attention-dim", "256",
+          "--share-all-embeddings", "--dropout", "0.3"]
+MODELS = {
+    "moe": ["--arch", "lstm_moe_nmt", *SHARED, "--moe-num-experts", "8", "--moe-k", "2",
+            "--moe-hidden-dim", "512"],
+    "baseline": ["--arch", "lstm_moe_nmt_baseline", *SHARED],
+}
+AVERAGE_LAST = 5
+
+
+def say(message):
+    tools.say("multi30k_results", message)
+
+
+def run_logged(cmd, log_path, mode="a"):
+    tools.run_logged(cmd, log_path, ROOT, mode)
+
+
+def train(model, max_epoch, patience):
+    work = os.path.join(WORK, model)
+    done = os.path.join(work, "train.done")
+    if os.path.exists(done):
+        return
+    os.makedirs(work, exist_ok=True)
+    say(f"{model}: training (log {os.path.join(work, 'train.log')})")
+    run_logged([os.path.join(BIN, "fairseq-train"), DATA, "--user-dir", "fairseq_smoe",
+                "--task", "translation", "--cpu", *MODELS[model],
+                "--criterion", "smoe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--clip-norm", "1.0",
+                "--lr", "0.003", "--lr-scheduler", "warmup_hold_inverse_sqrt",
+                "--warmup-updates", "100", "--hold-updates", "600", "--max-tokens", "4000",
+                "--max-epoch", str(max_epoch), "--patience", str(patience),
+                "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_a": 1.2, "max_len_b": 10}',
+                "--eval-bleu-remove-bpe", "--best-checkpoint-metric", "bleu",
+                "--maximize-best-checkpoint-metric", "--keep-last-epochs", str(2 * AVERAGE_LAST),
+                "--save-dir", os.path.join(work, "checkpoints"), "--num-workers", "0",
+                "--log-format", "simple", "--log-interval", "20", "--seed", "1"],
+               os.path.join(work, "train.log"))
+    with open(done, "w") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+
+def validations(model):
+    """[(epoch, valid loss, greedy valid BLEU)] from the training log, one per epoch."""
+    found = {}
+    log = os.path.join(WORK, model, "train.log")
+    if os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                m = re.search(r"\| valid \| epoch (\d+) \| valid on 'valid' subset \| loss ([\d.]+) "
+                              r"\|.*\| bleu ([\d.]+) \|", line)
+                if m:  # a resumed run repeats no epoch, but keep the last line per epoch
+                    found[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    return [(epoch, *found[epoch]) for epoch in sorted(found)]
+
+
+def generate(model, checkpoint, split, beam=5):
+    """Beam search over ``split``; (hypotheses in input order, fairseq's tokenized BLEU4)."""
+    log = os.path.join(WORK, model, f"generate-{split}-{os.path.basename(checkpoint)}.txt")
+    run_logged([os.path.join(BIN, "fairseq-generate"), DATA, "--user-dir", "fairseq_smoe", "--cpu",
+                "--path", checkpoint, "--gen-subset", split, "--beam", str(beam),
+                "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe"],
+               log, mode="w")
+    hypotheses = {}
+    with open(log) as f:
+        text = f.read()
+    for m in re.finditer(r"^H-(\d+)\t[^\t]*\t(.*)$", text, re.M):
+        hypotheses[int(m.group(1))] = m.group(2)
+    bleu = float(re.findall(r"BLEU4 = ([\d.]+)", text)[-1])
+    return [hypotheses[i] for i in range(len(hypotheses))], bleu
+
+
+def sacrebleu_score(hypotheses, reference_path):
+    import sacrebleu
+
+    with open(reference_path) as f:
+        references = [line.rstrip("\n") for line in f]
+    if len(references) != len(hypotheses):
+        raise RuntimeError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+
+
+def evaluate(model):
+    """Choose best or averaged on validation (beam 5), decode test2016 with it."""
+    work = os.path.join(WORK, model)
+    checkpoints = os.path.join(work, "checkpoints")
+    epochs = validations(model)
+    best_epoch = max(epochs, key=lambda e: (e[2], -e[0]))[0]
+    window = [e for e in range(best_epoch - AVERAGE_LAST + 1, best_epoch + 1) if e >= 1
+              and os.path.exists(os.path.join(checkpoints, f"checkpoint{e}.pt"))]
+    average = os.path.join(checkpoints, f"average{window[0]}-{window[-1]}.pt")
+    if not os.path.exists(average):
+        say(f"{model}: averaging epochs {window[0]}-{window[-1]}")
+        run_logged([os.path.join(BIN, "python"), os.path.join(ROOT, "scripts", "average_checkpoints.py"),
+                    *[os.path.join(checkpoints, f"checkpoint{e}.pt") for e in window], "-o", average],
+                   os.path.join(work, "average.log"), mode="w")
+    candidates = {"checkpoint_best.pt": os.path.join(checkpoints, "checkpoint_best.pt"),
+                  os.path.basename(average): average}
+    valid_bleu = {}
+    for name, path in candidates.items():
+        say(f"{model}: beam 5 on valid with {name}")
+        valid_bleu[name] = generate(model, path, "valid")[1]
+    chosen = max(valid_bleu, key=valid_bleu.get)
+    say(f"{model}: beam 5 on test2016 with {chosen}")
+    hypotheses, test_bleu = generate(model, candidates[chosen], "test")
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(HYP.format(model=model), "w") as f:
+        f.write("".join(h + "\n" for h in hypotheses))
+    with open(os.path.join(work, "train.log")) as f:
+        log = f.read()
+    params = re.findall(r"num\. model params: ([\d,]+)", log)
+    wall = re.findall(r"\| wall (\d+)", log)
+    return {"model": model, "args": MODELS[model], "epochs_trained": epochs[-1][0],
+            "best_epoch": best_epoch, "averaged_epochs": [window[0], window[-1]],
+            "valid_bleu_beam5": valid_bleu, "chosen": chosen,
+            "test2016_bleu_tokenized": test_bleu,
+            "test2016_sacrebleu": round(sacrebleu_score(hypotheses, REFERENCE), 2),
+            "params": int(params[-1].replace(",", "")) if params else None,
+            "train_wall_s": int(wall[-1]) if wall else None,
+            "curve": [{"epoch": e, "valid_loss": loss, "valid_bleu_greedy": b} for e, loss, b in epochs]}
+
+
+def load_results():
+    return tools.load_json(RESULTS_JSON, {"runs": []})
+
+
+def save_result(result):
+    results = load_results()
+    results["runs"] = [r for r in results["runs"] if r["model"] != result["model"]] + [result]
+    results["runs"].sort(key=lambda r: list(MODELS).index(r["model"]))
+    tools.save_json(results, RESULTS_JSON)
+
+
+def training_curve(model):
+    """[(epoch + fraction, training loss)] from the log intervals."""
+    points = []
+    log = os.path.join(WORK, model, "train.log")
+    if os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                m = re.search(r"train_inner \| epoch (\d+): +(\d+) / (\d+) loss=([\d.]+),", line)
+                if m:
+                    epoch, step, total = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                    points.append((epoch - 1 + step / total, float(m.group(4))))
+    return points
+
+
+def report():
+    results = load_results()
+    lines = ["| model | parameters | epochs (best) | checkpoint | valid BLEU, beam 5 | "
+             "test2016 BLEU (tokenized) | sacreBLEU | training wall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['epochs_trained']} "
+                     f"({r['best_epoch']}) | {r['chosen']} | {r['valid_bleu_beam5'][r['chosen']]:.2f} | "
+                     f"**{r['test2016_bleu_tokenized']:.2f}** | {r['test2016_sacrebleu']:.2f} | "
+                     f"{r['train_wall_s'] / 60:.0f} min |")
+    tools.write_table(lines, os.path.join(RESULTS, "multi30k.md"))
+    plt = tools.pyplot("multi30k_results")
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for color, model in zip(("C0", "C1"), MODELS):
+        train = training_curve(model)
+        valid = validations(model)
+        if train:
+            axes[0].plot(*zip(*train), color=color, alpha=0.5, linewidth=0.8, label=f"{model} train")
+        if valid:
+            epochs = [e for e, _, _ in valid]
+            axes[0].plot(epochs, [loss for _, loss, _ in valid], color=color, marker="o",
+                         label=f"{model} valid")
+            axes[1].plot(epochs, [b for _, _, b in valid], color=color, marker="o", label=model)
+    axes[0].set_title("loss (label-smoothed, base 2)")
+    axes[1].set_title("validation BLEU, greedy (per epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(top=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "multi30k_curves.png"), dpi=110)
+    say(f"wrote {os.path.join(RESULTS, 'multi30k_curves.png')}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, of {', '.join(MODELS)} (default: both)")
+    parser.add_argument("--jobs", type=int, default=2, help="models side by side (default 2)")
+    parser.add_argument("--max-epoch", type=int, default=40, help="at most this many epochs (40)")
+    parser.add_argument("--patience", type=int, default=5,
+                        help="stop after this many epochs without a better validation BLEU (5)")
+    parser.add_argument("--report", action="store_true", help="only write the table and the plot")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    for model in models:
+        if model not in MODELS:
+            parser.error(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
+    if args.jobs < 1 or args.max_epoch < 1 or args.patience < 1:
+        parser.error("--jobs, --max-epoch and --patience must be >= 1")
+    if not args.report:
+        say("preparing Multi30k (scripts/prepare-multi30k.sh; skipped when done)")
+        subprocess.run(["bash", os.path.join(ROOT, "scripts", "prepare-multi30k.sh"), "--pair", "en-de"],
+                       cwd=ROOT, check=True)
+
+        def run(model):
+            train(model, args.max_epoch, args.patience)
+            result = evaluate(model)
+            save_result(result)
+            say(f"{model}: test2016 BLEU {result['test2016_bleu_tokenized']:.2f} (tokenized), "
+                f"sacreBLEU {result['test2016_sacrebleu']:.2f}, with {result['chosen']}")
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(run, model) for model in models]:
+                future.result()
+    report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
