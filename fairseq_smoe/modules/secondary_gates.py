@@ -182,10 +182,12 @@ class SecondaryGates(nn.Module):
         # Row p of group i sits at position p - start_i of its group's block.
         start_G = torch.cumsum(counts_G, 0) - counts_G
         position_P = torch.arange(P, device=device) - start_G.index_select(0, group_P.clamp_max(a - 1))
+        # Slots: group i's rows at i·max_rows + position; each dropped-tail row past them all,
+        # at a·max_rows + p (unused, but distinct: index_copy_ needs no duplicate index).
         slot_P = torch.where(group_P < a, group_P * most_rows + position_P.clamp(0, most_rows - 1),
-                             a * most_rows)  # the dropped tail to a slot of its own
-        scores_QB = torch.full((a * most_rows + 1, b), -1.0, dtype=probs_PB.dtype, device=device)
-        scores_QB.index_copy_(0, slot_P, probs_PB)  # tail rows may collide: their slot is unused
+                             a * most_rows + torch.arange(P, device=device))
+        scores_QB = torch.full((a * most_rows + P, b), -1.0, dtype=probs_PB.dtype, device=device)
+        scores_QB.index_copy_(0, slot_P, probs_PB)
         top_GMB = scores_QB[: a * most_rows].reshape(a, most_rows, b).topk(most_m, dim=1).indices
         rank_M = torch.arange(most_m, device=device)
         kept_GMB = (rank_M[None, :, None] < m_G[:, None, None]).expand(a, most_m, b)
