@@ -523,3 +523,22 @@ def test_old_hierarchical_checkpoint_loads_and_resume_names_reset_optimizer(corp
     status, output = run("fairseq-train", root / "bin", "--save-dir", run_dir, "--restore-file", old,
                          "--reset-optimizer", *hierarchical)
     assert status == 0 and "done training" in output, output[-3000:]
+
+
+def test_optimizer_state_of_a_converted_model_is_refused_without_reset():
+    """fairseq's fp16 optimizer flattens all parameters into one, so torch cannot see that an
+    old hierarchical checkpoint's moments fit other parameters: the converted layer's flag does."""
+    from types import SimpleNamespace
+
+    from fairseq_smoe.modules import HierarchicalMoELayer
+
+    layer = HierarchicalMoELayer(8, 8, 2, 4, 16)
+    old = {k: v for k, v in layer.state_dict().items() if not k.startswith("secondary_gates.")}
+    for name in ("w_gate", "w_noise"):
+        for i in range(2):
+            old[f"secondary_gates.{i}.{name}"] = getattr(layer.secondary_gates, name)[i].detach().clone()
+    checkpoint_safety.check_optimizer_state_fits(SimpleNamespace(reset_optimizer=False), layer)
+    layer.load_state_dict(old)
+    with pytest.raises(ValueError, match="--reset-optimizer"):
+        checkpoint_safety.check_optimizer_state_fits(SimpleNamespace(reset_optimizer=False), layer)
+    checkpoint_safety.check_optimizer_state_fits(SimpleNamespace(reset_optimizer=True), layer)

@@ -357,3 +357,6 @@ def test_hierarchical_state_dict_with_one_gate_per_group_loads(gating):
     loaded.load_state_dict(old)
     for key, tensor in layer.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], tensor)
+    # fairseq-train's resume refuses the optimizer moments saved with such a state
+    assert loaded.secondary_gates.converted_old_state
+    assert not getattr(layer.secondary_gates, "converted_old_state", False)

@@ -32,6 +32,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,7 +82,9 @@ def train(model, max_epoch, patience):
                 "--max-epoch", str(max_epoch), "--patience", str(patience),
                 "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_a": 1.2, "max_len_b": 10}',
                 "--eval-bleu-remove-bpe", "--best-checkpoint-metric", "bleu",
-                "--maximize-best-checkpoint-metric", "--keep-last-epochs", str(2 * AVERAGE_LAST),
+                "--maximize-best-checkpoint-metric",
+                # enough epoch files for the average ending at the best epoch, --patience later
+                "--keep-last-epochs", str(max(2 * AVERAGE_LAST, patience + AVERAGE_LAST)),
                 "--save-dir", os.path.join(work, "checkpoints"), "--num-workers", "0",
                 "--log-format", "simple", "--log-interval", "20", "--seed", "1"],
                os.path.join(work, "train.log"))
@@ -137,14 +140,19 @@ def evaluate(model):
     best_epoch = max(epochs, key=lambda e: (e[2], -e[0]))[0]
     window = [e for e in range(best_epoch - AVERAGE_LAST + 1, best_epoch + 1) if e >= 1
               and os.path.exists(os.path.join(checkpoints, f"checkpoint{e}.pt"))]
-    average = os.path.join(checkpoints, f"average{window[0]}-{window[-1]}.pt")
-    if not os.path.exists(average):
-        say(f"{model}: averaging epochs {window[0]}-{window[-1]}")
-        run_logged([os.path.join(BIN, "python"), os.path.join(ROOT, "scripts", "average_checkpoints.py"),
-                    *[os.path.join(checkpoints, f"checkpoint{e}.pt") for e in window], "-o", average],
-                   os.path.join(work, "average.log"), mode="w")
-    candidates = {"checkpoint_best.pt": os.path.join(checkpoints, "checkpoint_best.pt"),
-                  os.path.basename(average): average}
+    candidates = {"checkpoint_best.pt": os.path.join(checkpoints, "checkpoint_best.pt")}
+    if len(window) > 1:
+        average = os.path.join(checkpoints, f"average{window[0]}-{window[-1]}.pt")
+        if not os.path.exists(average):
+            say(f"{model}: averaging epochs {window[0]}-{window[-1]}")
+            run_logged([os.path.join(BIN, "python"),
+                        os.path.join(ROOT, "scripts", "average_checkpoints.py"),
+                        *[os.path.join(checkpoints, f"checkpoint{e}.pt") for e in window],
+                        "-o", average], os.path.join(work, "average.log"), mode="w")
+        candidates[os.path.basename(average)] = average
+    else:  # the epoch checkpoints before the best are gone (a --patience past --keep-last-epochs)
+        say(f"{model}: no epoch checkpoints before the best one left to average; using the best")
+        window = [best_epoch]
     valid_bleu = {}
     for name, path in candidates.items():
         say(f"{model}: beam 5 on valid with {name}")
@@ -173,7 +181,15 @@ def load_results():
     return tools.load_json(RESULTS_JSON, {"runs": []})
 
 
+_RESULTS_LOCK = threading.Lock()  # both models' threads write the one results file
+
+
 def save_result(result):
+    with _RESULTS_LOCK:
+        _save_result(result)
+
+
+def _save_result(result):
     results = load_results()
     results["runs"] = [r for r in results["runs"] if r["model"] != result["model"]] + [result]
     results["runs"].sort(key=lambda r: list(MODELS).index(r["model"]))
@@ -200,10 +216,12 @@ def report():
              "test2016 BLEU (tokenized) | sacreBLEU | training wall |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['epochs_trained']} "
+        params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
+        wall = f"{r['train_wall_s'] / 60:.0f} min" if r.get("train_wall_s") else "-"
+        lines.append(f"| {r['model']} | {params} | {r['epochs_trained']} "
                      f"({r['best_epoch']}) | {r['chosen']} | {r['valid_bleu_beam5'][r['chosen']]:.2f} | "
                      f"**{r['test2016_bleu_tokenized']:.2f}** | {r['test2016_sacrebleu']:.2f} | "
-                     f"{r['train_wall_s'] / 60:.0f} min |")
+                     f"{wall} |")
     tools.write_table(lines, os.path.join(RESULTS, "multi30k.md"))
     plt = tools.pyplot("multi30k_results")
     if plt is None:

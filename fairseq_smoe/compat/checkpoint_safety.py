@@ -367,6 +367,24 @@ def _check_model_paths(filenames, suffix: str, exists: Callable[[str], bool]) ->
 # Installation
 
 
+OPTIMIZER_STATE_MISFITS = (
+    "the optimizer state of the checkpoint does not fit this model's parameters (saved by an "
+    "older fairseq-smoe, whose hierarchical MoE kept one parameter per secondary gate, or by a "
+    "different model): resume with --reset-optimizer to keep the weights and start new "
+    "optimizer moments")
+
+
+def check_optimizer_state_fits(cfg, model) -> None:
+    """After a resume: a module that converted an older state-dict layout on load (it sets
+    ``converted_old_state``) had its optimizer moments saved for other parameters. torch
+    notices when the number of parameters differs; fairseq's fp16 optimizer flattens all
+    parameters into one, where the moments would load silently onto the wrong weights."""
+    if getattr(cfg, "reset_optimizer", False):
+        return
+    if any(getattr(module, "converted_old_state", False) for module in model.modules()):
+        raise ValueError(OPTIMIZER_STATE_MISFITS)
+
+
 class _AtomicCopyPathManager:
     """Stands in for ``PathManager`` inside fairseq.checkpoint_utils: local copies are atomic."""
 
@@ -424,18 +442,16 @@ def install() -> None:
     def checked_load_checkpoint(cfg, trainer, **passthrough_args):
         check_restore_file(cfg, trainer.checkpoint_suffix, path_manager.isfile)
         try:
-            return load_checkpoint(cfg, trainer, **passthrough_args)
+            loaded = load_checkpoint(cfg, trainer, **passthrough_args)
         except ValueError as error:
             if "doesn't match the size of optimizer's group" not in str(error):
                 raise
             # torch's words for an optimizer state saved for other parameters: e.g. a
             # checkpoint from before the hierarchical layer stacked its secondary gates'
             # weights (the model converts on load; Adam's moments cannot).
-            raise ValueError(
-                "the optimizer state of the checkpoint does not fit this model's parameters "
-                "(saved by an older fairseq-smoe, whose hierarchical MoE kept one parameter per "
-                "secondary gate, or by a different model): resume with --reset-optimizer to "
-                "keep the weights and start new optimizer moments") from None
+            raise ValueError(OPTIMIZER_STATE_MISFITS) from None
+        check_optimizer_state_fits(cfg, trainer.model)
+        return loaded
 
     checkpoint_utils.load_checkpoint = checked_load_checkpoint
 

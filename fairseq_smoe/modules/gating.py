@@ -113,7 +113,8 @@ class TopKRouter(nn.Module):
               segment_rows: Optional[Sequence[int]] = None, resident: bool = False,
               segment_T: Optional[torch.Tensor] = None, num_segments: int = 0,
               noise_rows: Optional[int] = None):
-        """G(x) from the projected logits x·``projection()``: (gate_TK, expert_TK, smooth load,
+        """G(x) from the projected logits x·[W_g | W_noise] (x·W_g without noise; see
+        ``NoisyTopKGate.projection``): (gate_TK, expert_TK, smooth load,
         or None where the load is the counts: no noise, or k = n). With ``segment_rows`` (host
         counts) or ``segment_T`` (each row's segment on the device, ``num_segments`` = dropped)
         the rows are separate batches (``noisy_topk.noisy_top_k``) and the smooth load is

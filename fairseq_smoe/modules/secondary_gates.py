@@ -61,6 +61,9 @@ class SecondaryGates(nn.Module):
                 if name == "thresholds":
                     name, stacked = "log_thresholds", stacked.clamp_min(1e-30).log()
                 state_dict.setdefault(prefix + name, stacked)
+                # Optimizer moments saved with such a state fit the old parameters, not these:
+                # fairseq-train's resume checks this flag (compat.checkpoint_safety).
+                self.converted_old_state = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def group_gate(self, group: int) -> nn.Module:

@@ -36,11 +36,16 @@ from .resident import ResidentBackend
 try:
     import triton
     import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
 except ImportError as error:  # pragma: no cover - exercised only without triton
     raise ImportError("backend 'triton' needs the triton package (pip install 'triton==3.9.*', "
                       "an optional dependency of fairseq-smoe); or use backend 'loop' or "
                       "'grouped_mm'") from error
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError as error:  # pragma: no cover - a triton without the interpreter we know
+    raise ImportError(f"triton {getattr(triton, '__version__', '?')} has no "
+                      f"triton.runtime.interpreter.InterpretedFunction; the triton backend is "
+                      f"tested with triton 3.9 (pip install 'triton==3.9.*')") from error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET and not isinstance(tl.zeros, InterpretedFunction):
