@@ -28,11 +28,11 @@ train side by side (--jobs), one thread each.
 
 import argparse
 import concurrent.futures
+import fcntl
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -181,11 +181,11 @@ def load_results():
     return tools.load_json(RESULTS_JSON, {"runs": []})
 
 
-_RESULTS_LOCK = threading.Lock()  # both models' threads write the one results file
-
-
 def save_result(result):
-    with _RESULTS_LOCK:
+    # Both models' threads (or two runs of this script, one per model) write the one file.
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(RESULTS_JSON + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         _save_result(result)
 
 
