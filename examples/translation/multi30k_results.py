@@ -165,14 +165,16 @@ def evaluate(model):
         f.write("".join(h + "\n" for h in hypotheses))
     with open(os.path.join(work, "train.log")) as f:
         log = f.read()
-    params = re.findall(r"num\. model params: ([\d,]+)", log)
+    # fairseq counts "shared" and "expert" parameters apart (its MoE bookkeeping; ours are
+    # shared to it): their sum is the model's size.
+    counts = re.findall(r"num\. (?:shared|expert) model params: ([\d,]+)", log)[:2]
     wall = re.findall(r"\| wall (\d+)", log)
     return {"model": model, "args": MODELS[model], "epochs_trained": epochs[-1][0],
             "best_epoch": best_epoch, "averaged_epochs": [window[0], window[-1]],
             "valid_bleu_beam5": valid_bleu, "chosen": chosen,
             "test2016_bleu_tokenized": test_bleu,
             "test2016_sacrebleu": round(sacrebleu_score(hypotheses, REFERENCE), 2),
-            "params": int(params[-1].replace(",", "")) if params else None,
+            "params": sum(int(n.replace(",", "")) for n in counts) if counts else None,
             "train_wall_s": int(wall[-1]) if wall else None,
             "curve": [{"epoch": e, "valid_loss": loss, "valid_bleu_greedy": b} for e, loss, b in epochs]}
 
