@@ -1,24 +1,17 @@
 """scripts/average_checkpoints.py: the mean it writes, and its one-line refusals."""
 
-import importlib.util
-import os
 
 import pytest
 import torch
+from conftest import load_script
 
 from fairseq_smoe.compat.checkpoint_safety import atomic_torch_save, verify_and_strip
 from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location(
-        "average_checkpoints", os.path.join(ROOT, "scripts", "average_checkpoints.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("average_checkpoints")
 
 
 def checkpoint(path, seed, **extra):

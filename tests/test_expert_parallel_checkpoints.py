@@ -1,11 +1,11 @@
 """Per-worker checkpoint files: merge, reshard, file naming, errors (no processes needed)."""
 
-import importlib.util
 import os
 from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import load_script
 
 from fairseq_smoe.compat.checkpoint_safety import CHECKSUM_KEY, add_checksum, verify_and_strip
 from fairseq_smoe.distributed.checkpoints import (
@@ -132,11 +132,7 @@ def test_world_size_must_divide_experts_or_groups():
 
 
 def reshard_script():
-    spec = importlib.util.spec_from_file_location(
-        "reshard_experts", os.path.join(ROOT, "scripts", "reshard_experts.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("reshard_experts")
 
 
 def refused(script, capsys, *argv):

@@ -2,11 +2,10 @@
 state dicts, expert-parallel checkpoint sharding of the factored state."""
 
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
+from conftest import load_script
 from omegaconf import OmegaConf
 
 from fairseq_smoe.compat import install_all
@@ -22,7 +21,6 @@ from fairseq_smoe.optim.smoe_adam import (
 
 install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, BETAS, EPS, WD = 0.01, (0.8, 0.95), 1e-6, 0.1
 
 
@@ -319,10 +317,7 @@ def test_worker_shard_state_continues_like_the_full_optimizer():
 
 
 def test_reshard_script_two_to_one_and_four(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "reshard_experts", os.path.join(ROOT, "scripts", "reshard_experts.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("reshard_experts")
     params, opt = expert_setup(8)
     full = checkpoint_of(opt.state_dict(), params)
     base = str(tmp_path / "checkpoint_last.pt")
