@@ -20,7 +20,13 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from .gating import TopKRouter, _counts, batchwise_threshold_terms, build_gate
+from .gating import (
+    TopKRouter,
+    _counts,
+    batchwise_capacity,
+    batchwise_threshold_terms,
+    build_gate,
+)
 
 
 class SecondaryAssignments(NamedTuple):
@@ -175,7 +181,7 @@ class SecondaryGates(nn.Module):
         device = probs_PB.device
         # m_i = round(k·|X^(i)|/b), at least 1 and at most |X^(i)| (gating.batchwise_capacity),
         # on the host for the shapes and on the device for the masks.
-        capacity = [min(c, max(1, (2 * self.k * c + b) // (2 * b))) if c else 0 for c in counts]
+        capacity = [batchwise_capacity(self.k, c, b) for c in counts]
         m_G = torch.minimum(counts_G, ((2 * self.k * counts_G + b) // (2 * b)).clamp_min(1))
         most_rows, most_m = max(counts, default=0), max(capacity, default=0)
         mask_PB = torch.zeros(P + 1, b, dtype=torch.bool, device=device)  # row P: a sink
