@@ -11,10 +11,10 @@ def say(tool: str, message: str) -> None:
     print(f"[{tool} {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_logged(cmd, log_path: str, cwd: str, mode: str = "a") -> None:
-    """Run ``cmd`` with one intra-op thread (two jobs side by side on two cores), its output
-    to ``log_path``; a failure raises RuntimeError with the end of the log."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def run_logged(cmd, log_path: str, cwd: str, mode: str = "a", threads: int = 1) -> None:
+    """Run ``cmd`` with ``threads`` intra-op threads (one by default: two jobs side by side on
+    two cores), its output to ``log_path``; a failure raises RuntimeError with the end of the log."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log_path, mode) as log:
         status = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if status != 0:

@@ -62,8 +62,11 @@ def say(message):
     tools.say("multi30k_results", message)
 
 
+THREADS = 1  # intra-op threads per job (--threads)
+
+
 def run_logged(cmd, log_path, mode="a"):
-    tools.run_logged(cmd, log_path, ROOT, mode)
+    tools.run_logged(cmd, log_path, ROOT, mode, THREADS)
 
 
 def train(model, max_epoch, patience):
@@ -176,7 +179,8 @@ def evaluate(model):
             "test2016_sacrebleu": round(sacrebleu_score(hypotheses, REFERENCE), 2),
             "params": sum(int(n.replace(",", "")) for n in counts) if counts else None,
             "train_wall_s": int(wall[-1]) if wall else None,
-            "curve": [{"epoch": e, "valid_loss": loss, "valid_bleu_greedy": b} for e, loss, b in epochs]}
+            "curve": [{"epoch": e, "valid_loss": loss, "valid_bleu_greedy": b} for e, loss, b in epochs],
+            "train_curve": [[round(x, 3), loss] for x, loss in training_curve(model)]}
 
 
 def load_results():
@@ -212,6 +216,16 @@ def training_curve(model):
     return points
 
 
+def curves(model, result):
+    """(training loss points, per-epoch validations) to plot: a finished run's from the results
+    file, which is committed (the work directory and its logs are not), else from the log of a
+    run in progress. The results of runs before the training curve was kept have none."""
+    if result is None:
+        return training_curve(model), validations(model)
+    return ([tuple(point) for point in result.get("train_curve", [])],
+            [(c["epoch"], c["valid_loss"], c["valid_bleu_greedy"]) for c in result["curve"]])
+
+
 def report():
     results = load_results()
     lines = ["| model | parameters | epochs (best) | checkpoint | valid BLEU, beam 5 | "
@@ -228,10 +242,10 @@ def report():
     plt = tools.pyplot("multi30k_results")
     if plt is None:
         return
+    finished = {r["model"]: r for r in results["runs"]}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for color, model in zip(("C0", "C1"), MODELS):
-        train = training_curve(model)
-        valid = validations(model)
+        train, valid = curves(model, finished.get(model))
         if train:
             axes[0].plot(*zip(*train), color=color, alpha=0.5, linewidth=0.8, label=f"{model} train")
         if valid:
@@ -257,6 +271,8 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, of {', '.join(MODELS)} (default: both)")
     parser.add_argument("--jobs", type=int, default=2, help="models side by side (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads per job (default 1; e.g. 2 for one model alone)")
     parser.add_argument("--max-epoch", type=int, default=40, help="at most this many epochs (40)")
     parser.add_argument("--patience", type=int, default=5,
                         help="stop after this many epochs without a better validation BLEU (5)")
@@ -266,8 +282,10 @@ def main(argv=None):
     for model in models:
         if model not in MODELS:
             parser.error(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
-    if args.jobs < 1 or args.max_epoch < 1 or args.patience < 1:
-        parser.error("--jobs, --max-epoch and --patience must be >= 1")
+    if args.jobs < 1 or args.threads < 1 or args.max_epoch < 1 or args.patience < 1:
+        parser.error("--jobs, --threads, --max-epoch and --patience must be >= 1")
+    global THREADS
+    THREADS = args.threads
     if not args.report:
         say("preparing Multi30k (scripts/prepare-multi30k.sh; skipped when done)")
         subprocess.run(["bash", os.path.join(ROOT, "scripts", "prepare-multi30k.sh"), "--pair", "en-de"],
