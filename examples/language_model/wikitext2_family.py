@@ -118,6 +118,9 @@ def train_and_evaluate(model, seed, epochs):
     for key in ("moe_cv_imp", "moe_cv_load", "moe_max_load", "moe_min_load", "moe_dead"):
         if key in stats:
             result[key + "_last_epoch"] = float(stats[key])
+    # The curves go into the committed results file: the work directory does not outlive a checkout.
+    train, valid = curves(train_log)
+    result["curve"] = {"train": train, "valid": valid}
     return result
 
 
@@ -162,11 +165,16 @@ def report(results):
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    without_curve = []
     for r in results["runs"]:
         log = os.path.join(WORK, f"{r['model']}.seed{r['seed']}", "train.log")
-        if not os.path.exists(log):
+        if "curve" in r:
+            train, valid = r["curve"]["train"], r["curve"]["valid"]
+        elif os.path.exists(log):
+            train, valid = curves(log)
+        else:  # a run from before the curves were kept in the results file, its log gone
+            without_curve.append(f"{r['model']}:{r['seed']}")
             continue
-        train, valid = curves(log)
         label = f"{r['model']} s{r['seed']}"
         if train:
             axes[0].plot(*zip(*train), label=label, linewidth=0.8)
@@ -179,7 +187,8 @@ def report(results):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "wikitext2_curves.png"), dpi=110)
-    say(f"wrote {os.path.join(RESULTS, 'wikitext2_curves.png')}")
+    say(f"wrote {os.path.join(RESULTS, 'wikitext2_curves.png')}"
+        + (f"; no curve kept for {', '.join(without_curve)}" if without_curve else ""))
 
 
 def main(argv=None):
