@@ -12,14 +12,23 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_script(name: str):
-    """scripts/NAME.py as a module (the command-line tools are not a package)."""
+def _load_file(path: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the command-line tools are not a package)."""
+    return _load_file(os.path.join(ROOT, "scripts", f"{name}.py"))
+
+
+def load_example(relative_path: str):
+    """examples/RELATIVE_PATH (a .py experiment script) as a module."""
+    return _load_file(os.path.join(ROOT, "examples", relative_path))
 
 
 @pytest.fixture(autouse=True)

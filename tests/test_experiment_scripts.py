@@ -1,0 +1,84 @@
+"""The long experiment scripts under examples/ (issue 15): what they read from fairseq's logs,
+and that their tables and plots come from the committed results files alone (the work
+directories under outputs/ do not outlive a checkout)."""
+
+import json
+import os
+
+import pytest
+from conftest import load_example
+
+
+def redirect(module, tmp_path, results_json_name):
+    module.WORK = str(tmp_path / "work")
+    module.RESULTS = str(tmp_path / "results")
+    module.RESULTS_JSON = os.path.join(module.RESULTS, results_json_name)
+
+
+LM_LOG = (
+    "2026-12-02 07:01:34 | INFO | train_inner | epoch 001:     50 / 1000 loss=9.1, ppl=548.2, "
+    "wps=2000, ups=1, num_updates=50, lr=0.001\n"
+    "2026-12-02 07:04:31 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 8.2 | "
+    "ppl 294.07 | wps 1 | wpb 2 | bsz 3 | num_updates 1000\n"
+)
+
+MT_LOG = (
+    "2026-12-02 07:01:34 | INFO | train_inner | epoch 002:     65 / 130 loss=6.5, nll_loss=6, "
+    "ppl=90.5, num_updates=195\n"
+    "2026-12-02 07:04:31 | INFO | valid | epoch 002 | valid on 'valid' subset | loss 6.839 | "
+    "nll_loss 6.1 | bleu 4.6 | wps 1 | num_updates 260\n"
+)
+
+
+def test_wikitext2_curves_from_log_and_report_from_results_file(tmp_path):
+    family = load_example("language_model/wikitext2_family.py")
+    redirect(family, tmp_path, "wikitext2.json")
+    log = tmp_path / "train.log"
+    log.write_text(LM_LOG)
+    train, valid = family.curves(str(log))
+    assert train == [(50 * 2048, 548.2)]
+    assert valid == [(1000 * 2048, 294.07)]
+
+    runs = [{"model": "moe-16", "seed": seed, "valid_ppl": v, "test_ppl": t, "tokens": 4096,
+             "moe_cv_imp_last_epoch": 0.1, "curve": {"train": train, "valid": valid}}
+            for seed, v, t in ((1, 170.0, 160.0), (2, 174.0, 163.0))]
+    runs.append({"model": "4xlstm", "seed": 1, "valid_ppl": 180.0, "test_ppl": 170.5, "tokens": 4096})
+    family.report({"runs": runs})
+    table = (tmp_path / "results" / "wikitext2.md").read_text()
+    assert "| moe-16 | 1,2 | 161.50 ± 1.50 | 172.00 ± 2.00 | 0.10 ± 0.00 | - | - | 4,096 |" in table
+    assert "| 4xlstm | 1 | 170.50 | 180.00 |" in table
+    assert (tmp_path / "results" / "wikitext2_curves.png").stat().st_size > 0
+
+
+def test_multi30k_validations_from_log_and_plot_from_results_file(tmp_path, capsys):
+    experiment = load_example("translation/multi30k_results.py")
+    redirect(experiment, tmp_path, "multi30k.json")
+    work = tmp_path / "work" / "moe"
+    work.mkdir(parents=True)
+    (work / "train.log").write_text(MT_LOG)
+    assert experiment.validations("moe") == [(2, 6.839, 4.6)]
+    assert experiment.training_curve("moe") == [(1.5, 6.5)]
+
+    # A finished run is plotted from the results file even with its work directory gone.
+    (work / "train.log").unlink()
+    result = {"model": "baseline", "epochs_trained": 2, "best_epoch": 2, "chosen": "checkpoint_best.pt",
+              "valid_bleu_beam5": {"checkpoint_best.pt": 5.1}, "test2016_bleu_tokenized": 4.9,
+              "test2016_sacrebleu": 4.8,
+              "curve": [{"epoch": 2, "valid_loss": 6.839, "valid_bleu_greedy": 4.6}],
+              "train_curve": [[1.5, 6.5]]}
+    experiment.save_result(result)
+    assert json.loads((tmp_path / "results" / "multi30k.json").read_text())["runs"] == [result]
+    assert experiment.curves("baseline", result) == ([(1.5, 6.5)], [(2, 6.839, 4.6)])
+    experiment.report()
+    table = (tmp_path / "results" / "multi30k.md").read_text()
+    assert "| baseline | - | 2 (2) | checkpoint_best.pt | 5.10 | **4.90** | 4.80 | - |" in table
+    assert (tmp_path / "results" / "multi30k_curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [["--jobs", "0"], ["--threads", "0"], ["--models", "moe,nope"]])
+def test_multi30k_refuses_impossible_arguments(argv, capsys):
+    experiment = load_example("translation/multi30k_results.py")
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
