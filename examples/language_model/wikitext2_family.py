@@ -19,6 +19,7 @@ the seeds) goes to results/wikitext2.md and the learning curves to results/wikit
     .venv/bin/python examples/language_model/wikitext2_family.py            # everything
     .venv/bin/python examples/language_model/wikitext2_family.py --runs moe-16:1,4xlstm:1
     .venv/bin/python examples/language_model/wikitext2_family.py --report   # table + plot only
+    .venv/bin/python examples/language_model/wikitext2_family.py --redo --runs moe-4:1  # train again
 
 It resumes where it stopped: a run with a result is skipped, an interrupted one continues from
 its checkpoint_last.pt (fairseq's resume) in outputs/wikitext2_family/RUN/ (git-ignored). Two
@@ -29,6 +30,7 @@ import argparse
 import concurrent.futures
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -199,6 +201,10 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
     parser.add_argument("--epochs", type=int, default=2, help="full epochs per run (default 2)")
     parser.add_argument("--report", action="store_true", help="only write the table and the plot")
+    parser.add_argument("--redo", action="store_true",
+                        help="train the runs again from scratch even where they have a result "
+                             "(their work directories are cleared; the old result stays until "
+                             "the new one is in)")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.epochs < 1:
         parser.error("--jobs and --epochs must be >= 1")
@@ -217,8 +223,11 @@ def main(argv=None):
             say("preparing WikiText-2 (scripts/prepare-wikitext2.sh)")
             subprocess.run(["bash", os.path.join(ROOT, "scripts", "prepare-wikitext2.sh")], cwd=ROOT,
                            check=True)
-        done = {(r["model"], r["seed"]) for r in results["runs"]}
+        done = set() if args.redo else {(r["model"], r["seed"]) for r in results["runs"]}
         todo = [(m, s) for m, s in wanted if (m, s) not in done]
+        if args.redo:
+            for model, seed in todo:
+                shutil.rmtree(os.path.join(WORK, f"{model}.seed{seed}"), ignore_errors=True)
         say(f"{len(wanted) - len(todo)} of {len(wanted)} runs already have results; {len(todo)} to go "
             f"({args.jobs} at a time, logs in {WORK})")
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
