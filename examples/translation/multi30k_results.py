@@ -62,14 +62,12 @@ def say(message):
     tools.say("multi30k_results", message)
 
 
-THREADS = 1  # intra-op threads per job (--threads)
+def run_logged(cmd, log_path, threads, mode="a"):
+    """``cmd`` with ``threads`` intra-op threads (--threads), its output to ``log_path``."""
+    tools.run_logged(cmd, log_path, ROOT, mode, threads)
 
 
-def run_logged(cmd, log_path, mode="a"):
-    tools.run_logged(cmd, log_path, ROOT, mode, THREADS)
-
-
-def train(model, max_epoch, patience):
+def train(model, max_epoch, patience, threads):
     work = os.path.join(WORK, model)
     done = os.path.join(work, "train.done")
     if os.path.exists(done):
@@ -90,7 +88,7 @@ def train(model, max_epoch, patience):
                 "--keep-last-epochs", str(max(2 * AVERAGE_LAST, patience + AVERAGE_LAST)),
                 "--save-dir", os.path.join(work, "checkpoints"), "--num-workers", "0",
                 "--log-format", "simple", "--log-interval", "20", "--seed", "1"],
-               os.path.join(work, "train.log"))
+               os.path.join(work, "train.log"), threads)
     with open(done, "w") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
@@ -109,13 +107,13 @@ def validations(model):
     return [(epoch, *found[epoch]) for epoch in sorted(found)]
 
 
-def generate(model, checkpoint, split, beam=5):
+def generate(model, checkpoint, split, threads, beam=5):
     """Beam search over ``split``; (hypotheses in input order, fairseq's tokenized BLEU4)."""
     log = os.path.join(WORK, model, f"generate-{split}-{os.path.basename(checkpoint)}.txt")
     run_logged([os.path.join(BIN, "fairseq-generate"), DATA, "--user-dir", "fairseq_smoe", "--cpu",
                 "--path", checkpoint, "--gen-subset", split, "--beam", str(beam),
                 "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe"],
-               log, mode="w")
+               log, threads, mode="w")
     hypotheses = {}
     with open(log) as f:
         text = f.read()
@@ -135,7 +133,7 @@ def sacrebleu_score(hypotheses, reference_path):
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
-def evaluate(model):
+def evaluate(model, threads):
     """Choose best or averaged on validation (beam 5), decode test2016 with it."""
     work = os.path.join(WORK, model)
     checkpoints = os.path.join(work, "checkpoints")
@@ -151,7 +149,7 @@ def evaluate(model):
             run_logged([os.path.join(BIN, "python"),
                         os.path.join(ROOT, "scripts", "average_checkpoints.py"),
                         *[os.path.join(checkpoints, f"checkpoint{e}.pt") for e in window],
-                        "-o", average], os.path.join(work, "average.log"), mode="w")
+                        "-o", average], os.path.join(work, "average.log"), threads, mode="w")
         candidates[os.path.basename(average)] = average
     else:  # the epoch checkpoints before the best are gone (a --patience past --keep-last-epochs)
         say(f"{model}: no epoch checkpoints before the best one left to average; using the best")
@@ -159,10 +157,10 @@ def evaluate(model):
     valid_bleu = {}
     for name, path in candidates.items():
         say(f"{model}: beam 5 on valid with {name}")
-        valid_bleu[name] = generate(model, path, "valid")[1]
+        valid_bleu[name] = generate(model, path, "valid", threads)[1]
     chosen = max(valid_bleu, key=valid_bleu.get)
     say(f"{model}: beam 5 on test2016 with {chosen}")
-    hypotheses, test_bleu = generate(model, candidates[chosen], "test")
+    hypotheses, test_bleu = generate(model, candidates[chosen], "test", threads)
     os.makedirs(RESULTS, exist_ok=True)
     with open(HYP.format(model=model), "w") as f:
         f.write("".join(h + "\n" for h in hypotheses))
@@ -284,16 +282,14 @@ def main(argv=None):
             parser.error(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
     if args.jobs < 1 or args.threads < 1 or args.max_epoch < 1 or args.patience < 1:
         parser.error("--jobs, --threads, --max-epoch and --patience must be >= 1")
-    global THREADS
-    THREADS = args.threads
     if not args.report:
         say("preparing Multi30k (scripts/prepare-multi30k.sh; skipped when done)")
         subprocess.run(["bash", os.path.join(ROOT, "scripts", "prepare-multi30k.sh"), "--pair", "en-de"],
                        cwd=ROOT, check=True)
 
         def run(model):
-            train(model, args.max_epoch, args.patience)
-            result = evaluate(model)
+            train(model, args.max_epoch, args.patience, args.threads)
+            result = evaluate(model, args.threads)
             save_result(result)
             say(f"{model}: test2016 BLEU {result['test2016_bleu_tokenized']:.2f} (tokenized), "
                 f"sacreBLEU {result['test2016_sacrebleu']:.2f}, with {result['chosen']}")
