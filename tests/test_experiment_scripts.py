@@ -82,3 +82,32 @@ def test_multi30k_refuses_impossible_arguments(argv, capsys):
         experiment.main(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_wikitext2_resume_skips_finished_runs_and_redo_trains_them_again(tmp_path):
+    """Without --redo a run with a result is not trained again; with it the run's work directory
+    is cleared and the new result replaces the old one."""
+    family = load_example("language_model/wikitext2_family.py")
+    redirect(family, tmp_path, "wikitext2.json")
+    family.DATA = str(tmp_path / "bin")
+    os.makedirs(family.DATA)
+    (tmp_path / "bin" / "dict.txt").write_text("a 1\n")
+    trained = []
+
+    def fake_train_and_evaluate(model, seed, epochs):
+        work = os.path.join(family.WORK, f"{model}.seed{seed}")
+        leftover = os.path.exists(os.path.join(work, "stale"))
+        os.makedirs(work, exist_ok=True)
+        open(os.path.join(work, "stale"), "w").close()
+        trained.append((model, seed, leftover))
+        return {"model": model, "seed": seed, "valid_ppl": 100.0 + len(trained),
+                "test_ppl": 90.0 + len(trained), "tokens": 4096, "wall_s": 1}
+
+    family.train_and_evaluate = fake_train_and_evaluate
+    family.main(["--runs", "moe-4:1", "--jobs", "1"])
+    family.main(["--runs", "moe-4:1,moe-4:2", "--jobs", "1"])
+    assert trained == [("moe-4", 1, False), ("moe-4", 2, False)]
+    family.main(["--runs", "moe-4:1", "--jobs", "1", "--redo"])
+    assert trained[-1] == ("moe-4", 1, False)  # its work directory was cleared first
+    runs = json.loads((tmp_path / "results" / "wikitext2.json").read_text())["runs"]
+    assert [(r["seed"], r["test_ppl"]) for r in runs] == [(1, 93.0), (2, 92.0)]
