@@ -166,7 +166,11 @@ def report(results):
     plt = tools.pyplot("wikitext2_family")
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # One colour per model, seed 1 solid and seed 2 dashed; the middle panel zooms into the
+    # second epoch, where the models separate, with the training perplexity averaged over 10
+    # log intervals (500 updates) so that the batch-to-batch noise does not hide the gaps.
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    colours = {model: f"C{i}" for i, model in enumerate(ORDER)}
     without_curve = []
     for r in results["runs"]:
         log = os.path.join(WORK, f"{r['model']}.seed{r['seed']}", "train.log")
@@ -177,16 +181,24 @@ def report(results):
         else:  # a run from before the curves were kept in the results file, its log gone
             without_curve.append(f"{r['model']}:{r['seed']}")
             continue
-        label = f"{r['model']} s{r['seed']}"
+        style = {"color": colours[r["model"]], "linestyle": "-" if r["seed"] % 2 else "--",
+                 "label": f"{r['model']} s{r['seed']}"}
         if train:
-            axes[0].plot(*zip(*train), label=label, linewidth=0.8)
+            axes[0].plot(*zip(*train), linewidth=0.8, **style)
+            half = [point for point in train if point[0] > train[-1][0] / 2]
+            smooth = [(half[i + 9][0], statistics.mean(p for _, p in half[i:i + 10]))
+                      for i in range(len(half) - 9)]
+            if smooth:
+                axes[1].plot(*zip(*smooth), linewidth=1.2, **style)
         if valid:
-            axes[1].plot(*zip(*valid), marker="o", label=label)
-    for ax, title in zip(axes, ("training perplexity", "validation perplexity (per epoch)")):
+            axes[2].plot(*zip(*valid), marker="o", **style)
+    titles = ("training perplexity", "training perplexity, 2nd half (mean of 500 updates)",
+              "validation perplexity (per epoch)")
+    for ax, title in zip(axes, titles):
         ax.set_xlabel("training tokens")
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+    axes[0].set_yscale("log")
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "wikitext2_curves.png"), dpi=110)
     say(f"wrote {os.path.join(RESULTS, 'wikitext2_curves.png')}"
