@@ -197,7 +197,8 @@ def report(results):
     for ax, title in zip(axes, titles):
         ax.set_xlabel("training tokens")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=6, ncol=2)
+        if ax.lines:
+            ax.legend(fontsize=6, ncol=2)
     axes[0].set_yscale("log")
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "wikitext2_curves.png"), dpi=110)
