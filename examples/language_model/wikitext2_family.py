@@ -162,6 +162,15 @@ def report(results):
                      f"{spread('valid_ppl')} | {spread('moe_cv_imp_last_epoch')} | "
                      f"{spread('moe_cv_load_last_epoch')} | {spread('moe_max_load_last_epoch')} | "
                      f"{runs[0]['tokens']:,} |")
+    lines += ["", "| model | seed | valid ppl | test ppl | CV(Importance) | CV(Load) | max/mean load | "
+              "idle experts a batch | wall |", "|---|---|---|---|---|---|---|---|---|"]
+    for model in ORDER:
+        for r in by_model.get(model, []):
+            stats = [f"{r[key]:.3f}" if key in r else "-" for key in
+                     ("moe_cv_imp_last_epoch", "moe_cv_load_last_epoch", "moe_max_load_last_epoch")]
+            dead = f"{r['moe_dead_last_epoch']:.2f}" if "moe_dead_last_epoch" in r else "-"
+            lines.append(f"| {model} | {r['seed']} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
+                         f"{' | '.join(stats)} | {dead} | {r.get('wall_s', '-')} s |")
     tools.write_table(lines, os.path.join(RESULTS, "wikitext2.md"))
     plt = tools.pyplot("wikitext2_family")
     if plt is None:
