@@ -30,7 +30,7 @@ MT_LOG = (
 )
 
 
-def test_wikitext2_curves_from_log_and_report_from_results_file(tmp_path):
+def test_wikitext2_curves_from_log_and_report_from_results_file(tmp_path, capsys):
     family = load_example("language_model/wikitext2_family.py")
     redirect(family, tmp_path, "wikitext2.json")
     log = tmp_path / "train.log"
@@ -43,7 +43,11 @@ def test_wikitext2_curves_from_log_and_report_from_results_file(tmp_path):
              "moe_cv_imp_last_epoch": 0.1, "curve": {"train": train, "valid": valid}}
             for seed, v, t in ((1, 170.0, 160.0), (2, 174.0, 163.0))]
     runs.append({"model": "4xlstm", "seed": 1, "valid_ppl": 180.0, "test_ppl": 170.5, "tokens": 4096})
+    # Its work directory holds the log of an interrupted retraining, not of this result.
+    os.makedirs(tmp_path / "work" / "4xlstm.seed1")
+    (tmp_path / "work" / "4xlstm.seed1" / "train.log").write_text(LM_LOG)
     family.report({"runs": runs})
+    assert "no curve kept for 4xlstm:1" in capsys.readouterr().out
     table = (tmp_path / "results" / "wikitext2.md").read_text()
     assert "| moe-16 | 1,2 | 161.50 ± 1.50 | 172.00 ± 2.00 | 0.10 ± 0.00 | - | - | 4,096 |" in table
     assert "| 4xlstm | 1 | 170.50 | 180.00 |" in table

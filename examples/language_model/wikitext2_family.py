@@ -185,11 +185,12 @@ def report(results):
         log = os.path.join(WORK, f"{r['model']}.seed{r['seed']}", "train.log")
         if "curve" in r:
             train, valid = r["curve"]["train"], r["curve"]["valid"]
-        elif os.path.exists(log):
-            train, valid = curves(log)
-        else:  # a run from before the curves were kept in the results file, its log gone
-            without_curve.append(f"{r['model']}:{r['seed']}")
-            continue
+        else:  # a run from before the curves were kept in the results file: its log if complete
+            train, valid = curves(log) if os.path.exists(log) else ([], [])
+            # (a log that stops short is an interrupted --redo of the run, not this result)
+            if not valid or valid[-1][0] != r["tokens"]:
+                without_curve.append(f"{r['model']}:{r['seed']}")
+                continue
         style = {"color": colours[r["model"]], "linestyle": "-" if r["seed"] % 2 else "--",
                  "label": f"{r['model']} s{r['seed']}"}
         if train:
