@@ -168,9 +168,9 @@ def report(results):
         for r in by_model.get(model, []):
             stats = [f"{r[key]:.3f}" if key in r else "-" for key in
                      ("moe_cv_imp_last_epoch", "moe_cv_load_last_epoch", "moe_max_load_last_epoch")]
-            dead = f"{r['moe_dead_last_epoch']:.2f}" if "moe_dead_last_epoch" in r else "-"
+            idle = f"{r['moe_dead_last_epoch']:.2f}" if "moe_dead_last_epoch" in r else "-"
             lines.append(f"| {model} | {r['seed']} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
-                         f"{' | '.join(stats)} | {dead} | {r.get('wall_s', '-')} s |")
+                         f"{' | '.join(stats)} | {idle} | {r.get('wall_s', '-')} s |")
     tools.write_table(lines, os.path.join(RESULTS, "wikitext2.md"))
     plt = tools.pyplot("wikitext2_family")
     if plt is None:
@@ -178,6 +178,7 @@ def report(results):
     # One colour per model, seed 1 solid and seed 2 dashed; the middle panel zooms into the
     # second epoch, where the models separate, with the training perplexity averaged over 10
     # log intervals (500 updates) so that the batch-to-batch noise does not hide the gaps.
+    window = 10
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     colours = {model: f"C{i}" for i, model in enumerate(ORDER)}
     without_curve = []
@@ -196,8 +197,8 @@ def report(results):
         if train:
             axes[0].plot(*zip(*train), linewidth=0.8, **style)
             half = [point for point in train if point[0] > train[-1][0] / 2]
-            smooth = [(half[i + 9][0], statistics.mean(p for _, p in half[i:i + 10]))
-                      for i in range(len(half) - 9)]
+            smooth = [(half[i + window - 1][0], statistics.mean(p for _, p in half[i:i + window]))
+                      for i in range(len(half) - window + 1)]
             if smooth:
                 axes[1].plot(*zip(*smooth), linewidth=1.2, **style)
         if valid:
