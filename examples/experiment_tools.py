@@ -1,8 +1,10 @@
 """What the long experiment scripts under examples/ share: running a logged command on one
-thread, writing a results file atomically, writing a table, and matplotlib when installed."""
+thread, writing a results file atomically, a mean and spread over seeds, writing a table, and
+matplotlib when installed."""
 
 import json
 import os
+import statistics
 import subprocess
 import time
 
@@ -37,6 +39,15 @@ def save_json(obj, path: str) -> None:
         json.dump(obj, f, indent=1)
         f.write("\n")
     os.replace(path + ".tmp", path)
+
+
+def mean_and_half_range(values) -> str:
+    """"mean ± half range" of ``values`` (the spread of two seeds), the value alone for one, "-" for none."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
 
 
 def write_table(lines, path: str) -> str:

@@ -54,32 +54,61 @@ def test_wikitext2_curves_from_log_and_report_from_results_file(tmp_path, capsys
     assert (tmp_path / "results" / "wikitext2_curves.png").stat().st_size > 0
 
 
+def mt_result(model, seed, valid, test):
+    return {"model": model, "seed": seed, "epochs_trained": 2, "best_epoch": 2,
+            "chosen": "checkpoint_best.pt", "valid_bleu_beam5": {"checkpoint_best.pt": valid},
+            "test2016_bleu_tokenized": test, "test2016_sacrebleu": test - 0.1,
+            "curve": [{"epoch": 2, "valid_loss": 6.839, "valid_bleu_greedy": 4.6}],
+            "train_curve": [[1.5, 6.5]]}
+
+
 def test_multi30k_validations_from_log_and_plot_from_results_file(tmp_path, capsys):
     experiment = load_example("translation/multi30k_results.py")
     redirect(experiment, tmp_path, "multi30k.json")
-    work = tmp_path / "work" / "moe"
+    experiment.RUN_HYP = str(tmp_path / "results" / "{model}.seed{seed}.hyp")
+    experiment.HYP = str(tmp_path / "results" / "{model}.hyp")
+    work = tmp_path / "work" / "moe.seed1"
     work.mkdir(parents=True)
     (work / "train.log").write_text(MT_LOG)
-    assert experiment.validations("moe") == [(2, 6.839, 4.6)]
-    assert experiment.training_curve("moe") == [(1.5, 6.5)]
+    assert experiment.validations(str(work)) == [(2, 6.839, 4.6)]
+    assert experiment.training_curve(str(work)) == [(1.5, 6.5)]
+    assert experiment.runs_in_progress() == [("moe", 1)]
 
     # A finished run is plotted from the results file even with its work directory gone.
     (work / "train.log").unlink()
-    result = {"model": "baseline", "epochs_trained": 2, "best_epoch": 2, "chosen": "checkpoint_best.pt",
-              "valid_bleu_beam5": {"checkpoint_best.pt": 5.1}, "test2016_bleu_tokenized": 4.9,
-              "test2016_sacrebleu": 4.8,
-              "curve": [{"epoch": 2, "valid_loss": 6.839, "valid_bleu_greedy": 4.6}],
-              "train_curve": [[1.5, 6.5]]}
+    result = mt_result("baseline", 1, 5.1, 4.9)
     experiment.save_result(result)
     assert json.loads((tmp_path / "results" / "multi30k.json").read_text())["runs"] == [result]
-    assert experiment.curves("baseline", result) == ([(1.5, 6.5)], [(2, 6.839, 4.6)])
+    assert experiment.curves(str(work), result) == ([(1.5, 6.5)], [(2, 6.839, 4.6)])
+    (tmp_path / "results" / "baseline.seed1.hyp").write_text("ein hund .\n")
     experiment.report()
     table = (tmp_path / "results" / "multi30k.md").read_text()
-    assert "| baseline | - | 2 (2) | checkpoint_best.pt | 5.10 | **4.90** | 4.80 | - |" in table
+    assert "| baseline | 1 | - | 2 (2) | checkpoint_best.pt | 5.10 | **4.90** | 4.80 | - |" in table
     assert (tmp_path / "results" / "multi30k_curves.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv", [["--jobs", "0"], ["--threads", "0"], ["--models", "moe,nope"]])
+def test_multi30k_seeds_give_mean_and_spread_and_the_best_on_validation_stands_for_the_model(tmp_path):
+    """Two seeds: the table shows mean ± half range, and MODEL.hyp is a copy of the hypotheses of
+    the seed with the better validation BLEU, even where the other seed scores higher on test."""
+    experiment = load_example("translation/multi30k_results.py")
+    redirect(experiment, tmp_path, "multi30k.json")
+    experiment.RUN_HYP = str(tmp_path / "results" / "{model}.seed{seed}.hyp")
+    experiment.HYP = str(tmp_path / "results" / "{model}.hyp")
+    for seed, valid, test in ((2, 6.0, 5.0), (1, 5.0, 6.0)):
+        experiment.save_result(mt_result("moe", seed, valid, test))
+        (tmp_path / "results" / f"moe.seed{seed}.hyp").write_text(f"seed {seed}\n")
+    # A second save of a run replaces it; runs are kept in (model, seed) order.
+    experiment.save_result(mt_result("moe", 2, 7.0, 5.0))
+    runs = json.loads((tmp_path / "results" / "multi30k.json").read_text())["runs"]
+    assert [(r["seed"], r["valid_bleu_beam5"]["checkpoint_best.pt"]) for r in runs] == [(1, 5.0), (2, 7.0)]
+    experiment.report()
+    table = (tmp_path / "results" / "multi30k.md").read_text()
+    assert "| moe | 1,2 | **5.50 ± 0.50** | 5.40 ± 0.50 | 6.00 ± 1.00 | seed 2's (best valid BLEU) |" in table
+    assert (tmp_path / "results" / "moe.hyp").read_text() == "seed 2\n"
+
+
+@pytest.mark.parametrize("argv", [["--jobs", "0"], ["--threads", "0"], ["--models", "moe,nope"],
+                                  ["--seeds", "1,two"]])
 def test_multi30k_refuses_impossible_arguments(argv, capsys):
     experiment = load_example("translation/multi30k_results.py")
     with pytest.raises(SystemExit) as exit_info:

@@ -152,11 +152,7 @@ def report(results):
             continue
 
         def spread(key, runs=runs):
-            values = [r[key] for r in runs if key in r]
-            if not values:
-                return "-"
-            half = (max(values) - min(values)) / 2
-            return f"{statistics.mean(values):.2f} ± {half:.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+            return tools.mean_and_half_range([r[key] for r in runs if key in r])
 
         lines.append(f"| {model} | {','.join(str(r['seed']) for r in runs)} | {spread('test_ppl')} | "
                      f"{spread('valid_ppl')} | {spread('moe_cv_imp_last_epoch')} | "

@@ -31,6 +31,7 @@ import concurrent.futures
 import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ REFERENCE = os.path.join(ROOT, "outputs", "data", "multi30k.en-de", "tok", "test
 WORK = os.path.join(ROOT, "outputs", "multi30k_results")
 RESULTS = os.path.join(ROOT, "examples", "translation", "results")
 RESULTS_JSON = os.path.join(RESULTS, "multi30k.json")
+# The hypotheses of each run, and per model those of the seed best on validation (report()).
+RUN_HYP = os.path.join(RESULTS, "multi30k.en-de.test2016.{model}.seed{seed}.hyp")
 HYP = os.path.join(RESULTS, "multi30k.en-de.test2016.{model}.hyp")
 
 SHARED = ["--encoder-embed-dim", "256", "--encoder-hidden-size", "256", "--attention-dim", "256",
@@ -67,13 +70,17 @@ def run_logged(cmd, log_path, threads, mode="a"):
     tools.run_logged(cmd, log_path, ROOT, mode, threads)
 
 
-def train(model, max_epoch, patience, threads):
-    work = os.path.join(WORK, model)
+def work_dir(model, seed):
+    return os.path.join(WORK, f"{model}.seed{seed}")
+
+
+def train(model, seed, max_epoch, patience, threads):
+    work = work_dir(model, seed)
     done = os.path.join(work, "train.done")
     if os.path.exists(done):
         return
     os.makedirs(work, exist_ok=True)
-    say(f"{model}: training (log {os.path.join(work, 'train.log')})")
+    say(f"{model} seed {seed}: training (log {os.path.join(work, 'train.log')})")
     run_logged([os.path.join(BIN, "fairseq-train"), DATA, "--user-dir", "fairseq_smoe",
                 "--task", "translation", "--cpu", *MODELS[model],
                 "--criterion", "smoe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
@@ -87,16 +94,16 @@ def train(model, max_epoch, patience, threads):
                 # enough epoch files for the average ending at the best epoch, --patience later
                 "--keep-last-epochs", str(max(2 * AVERAGE_LAST, patience + AVERAGE_LAST)),
                 "--save-dir", os.path.join(work, "checkpoints"), "--num-workers", "0",
-                "--log-format", "simple", "--log-interval", "20", "--seed", "1"],
+                "--log-format", "simple", "--log-interval", "20", "--seed", str(seed)],
                os.path.join(work, "train.log"), threads)
     with open(done, "w") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
 
-def validations(model):
-    """[(epoch, valid loss, greedy valid BLEU)] from the training log, one per epoch."""
+def validations(work):
+    """[(epoch, valid loss, greedy valid BLEU)] from the training log in ``work``, one per epoch."""
     found = {}
-    log = os.path.join(WORK, model, "train.log")
+    log = os.path.join(work, "train.log")
     if os.path.exists(log):
         with open(log) as f:
             for line in f:
@@ -107,9 +114,9 @@ def validations(model):
     return [(epoch, *found[epoch]) for epoch in sorted(found)]
 
 
-def generate(model, checkpoint, split, threads, beam=5):
+def generate(work, checkpoint, split, threads, beam=5):
     """Beam search over ``split``; (hypotheses in input order, fairseq's tokenized BLEU4)."""
-    log = os.path.join(WORK, model, f"generate-{split}-{os.path.basename(checkpoint)}.txt")
+    log = os.path.join(work, f"generate-{split}-{os.path.basename(checkpoint)}.txt")
     run_logged([os.path.join(BIN, "fairseq-generate"), DATA, "--user-dir", "fairseq_smoe", "--cpu",
                 "--path", checkpoint, "--gen-subset", split, "--beam", str(beam),
                 "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe"],
@@ -133,11 +140,11 @@ def sacrebleu_score(hypotheses, reference_path):
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
-def evaluate(model, threads):
+def evaluate(model, seed, threads):
     """Choose best or averaged on validation (beam 5), decode test2016 with it."""
-    work = os.path.join(WORK, model)
+    work = work_dir(model, seed)
     checkpoints = os.path.join(work, "checkpoints")
-    epochs = validations(model)
+    epochs = validations(work)
     best_epoch = max(epochs, key=lambda e: (e[2], -e[0]))[0]
     window = [e for e in range(best_epoch - AVERAGE_LAST + 1, best_epoch + 1) if e >= 1
               and os.path.exists(os.path.join(checkpoints, f"checkpoint{e}.pt"))]
@@ -145,24 +152,24 @@ def evaluate(model, threads):
     if len(window) > 1:
         average = os.path.join(checkpoints, f"average{window[0]}-{window[-1]}.pt")
         if not os.path.exists(average):
-            say(f"{model}: averaging epochs {window[0]}-{window[-1]}")
+            say(f"{model} seed {seed}: averaging epochs {window[0]}-{window[-1]}")
             run_logged([os.path.join(BIN, "python"),
                         os.path.join(ROOT, "scripts", "average_checkpoints.py"),
                         *[os.path.join(checkpoints, f"checkpoint{e}.pt") for e in window],
                         "-o", average], os.path.join(work, "average.log"), threads, mode="w")
         candidates[os.path.basename(average)] = average
     else:  # the epoch checkpoints before the best are gone (a --patience past --keep-last-epochs)
-        say(f"{model}: no epoch checkpoints before the best one left to average; using the best")
+        say(f"{model} seed {seed}: no epoch checkpoints before the best one left to average; using the best")
         window = [best_epoch]
     valid_bleu = {}
     for name, path in candidates.items():
-        say(f"{model}: beam 5 on valid with {name}")
-        valid_bleu[name] = generate(model, path, "valid", threads)[1]
+        say(f"{model} seed {seed}: beam 5 on valid with {name}")
+        valid_bleu[name] = generate(work, path, "valid", threads)[1]
     chosen = max(valid_bleu, key=valid_bleu.get)
-    say(f"{model}: beam 5 on test2016 with {chosen}")
-    hypotheses, test_bleu = generate(model, candidates[chosen], "test", threads)
+    say(f"{model} seed {seed}: beam 5 on test2016 with {chosen}")
+    hypotheses, test_bleu = generate(work, candidates[chosen], "test", threads)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(HYP.format(model=model), "w") as f:
+    with open(RUN_HYP.format(model=model, seed=seed), "w") as f:
         f.write("".join(h + "\n" for h in hypotheses))
     with open(os.path.join(work, "train.log")) as f:
         log = f.read()
@@ -170,7 +177,7 @@ def evaluate(model, threads):
     # shared to it): their sum is the model's size.
     counts = re.findall(r"num\. (?:shared|expert) model params: ([\d,]+)", log)[:2]
     wall = re.findall(r"\| wall (\d+)", log)
-    return {"model": model, "args": MODELS[model], "epochs_trained": epochs[-1][0],
+    return {"model": model, "seed": seed, "args": MODELS[model], "epochs_trained": epochs[-1][0],
             "best_epoch": best_epoch, "averaged_epochs": [window[0], window[-1]],
             "valid_bleu_beam5": valid_bleu, "chosen": chosen,
             "test2016_bleu_tokenized": test_bleu,
@@ -178,7 +185,7 @@ def evaluate(model, threads):
             "params": sum(int(n.replace(",", "")) for n in counts) if counts else None,
             "train_wall_s": int(wall[-1]) if wall else None,
             "curve": [{"epoch": e, "valid_loss": loss, "valid_bleu_greedy": b} for e, loss, b in epochs],
-            "train_curve": [[round(x, 3), loss] for x, loss in training_curve(model)]}
+            "train_curve": [[round(x, 3), loss] for x, loss in training_curve(work)]}
 
 
 def load_results():
@@ -193,17 +200,22 @@ def save_result(result):
         _save_result(result)
 
 
+def run_key(result):
+    """(model, seed) of a result."""
+    return result["model"], result["seed"]
+
+
 def _save_result(result):
     results = load_results()
-    results["runs"] = [r for r in results["runs"] if r["model"] != result["model"]] + [result]
-    results["runs"].sort(key=lambda r: list(MODELS).index(r["model"]))
+    results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(result)] + [result]
+    results["runs"].sort(key=lambda r: (list(MODELS).index(r["model"]), run_key(r)[1]))
     tools.save_json(results, RESULTS_JSON)
 
 
-def training_curve(model):
-    """[(epoch + fraction, training loss)] from the log intervals."""
+def training_curve(work):
+    """[(epoch + fraction, training loss)] from the log intervals in ``work``."""
     points = []
-    log = os.path.join(WORK, model, "train.log")
+    log = os.path.join(work, "train.log")
     if os.path.exists(log):
         with open(log) as f:
             for line in f:
@@ -214,52 +226,99 @@ def training_curve(model):
     return points
 
 
-def curves(model, result):
+def curves(work, result):
     """(training loss points, per-epoch validations) to plot: a finished run's from the results
-    file, which is committed (the work directory and its logs are not), else from the log of a
-    run in progress. The results of runs before the training curve was kept have none."""
+    file, which is committed (the work directory and its logs are not), else from the log in
+    ``work`` of a run in progress. The results of runs before the training curve was kept have none."""
     if result is None:
-        return training_curve(model), validations(model)
+        return training_curve(work), validations(work)
     return ([tuple(point) for point in result.get("train_curve", [])],
             [(c["epoch"], c["valid_loss"], c["valid_bleu_greedy"]) for c in result["curve"]])
 
 
+def valid_bleu(result):
+    """Beam-5 validation BLEU of the checkpoint a run decoded test2016 with."""
+    return result["valid_bleu_beam5"][result["chosen"]]
+
+
+def best_on_validation(runs):
+    """The run whose chosen checkpoint has the best beam-5 validation BLEU (the lower seed on a tie):
+    its hypotheses stand for the model, a choice that never looks at test2016."""
+    return max(runs, key=lambda r: (valid_bleu(r), -run_key(r)[1]))
+
+
 def report():
     results = load_results()
-    lines = ["| model | parameters | epochs (best) | checkpoint | valid BLEU, beam 5 | "
-             "test2016 BLEU (tokenized) | sacreBLEU | training wall |",
-             "|---|---|---|---|---|---|---|---|"]
+    by_model = {}
+    for r in results["runs"]:
+        by_model.setdefault(r["model"], []).append(r)
+    lines = ["| model | seeds | test2016 BLEU, tokenized (mean ± half range) | sacreBLEU | "
+             "valid BLEU, beam 5 | " + os.path.basename(HYP).replace("{model}", "MODEL") + " |",
+             "|---|---|---|---|---|---|"]
+    for model, runs in by_model.items():
+        chosen = best_on_validation(runs)
+        shutil.copyfile(RUN_HYP.format(model=model, seed=run_key(chosen)[1]), HYP.format(model=model))
+        lines.append(f"| {model} | {','.join(str(run_key(r)[1]) for r in runs)} | "
+                     f"**{tools.mean_and_half_range([r['test2016_bleu_tokenized'] for r in runs])}** | "
+                     f"{tools.mean_and_half_range([r['test2016_sacrebleu'] for r in runs])} | "
+                     f"{tools.mean_and_half_range([valid_bleu(r) for r in runs])} | "
+                     f"seed {run_key(chosen)[1]}'s (best valid BLEU) |")
+    lines += ["", "| model | seed | parameters | epochs (best) | checkpoint | valid BLEU, beam 5 | "
+              "test2016 BLEU (tokenized) | sacreBLEU | training wall |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
         wall = f"{r['train_wall_s'] / 60:.0f} min" if r.get("train_wall_s") else "-"
-        lines.append(f"| {r['model']} | {params} | {r['epochs_trained']} "
-                     f"({r['best_epoch']}) | {r['chosen']} | {r['valid_bleu_beam5'][r['chosen']]:.2f} | "
+        lines.append(f"| {r['model']} | {run_key(r)[1]} | {params} | {r['epochs_trained']} "
+                     f"({r['best_epoch']}) | {r['chosen']} | {valid_bleu(r):.2f} | "
                      f"**{r['test2016_bleu_tokenized']:.2f}** | {r['test2016_sacrebleu']:.2f} | "
                      f"{wall} |")
     tools.write_table(lines, os.path.join(RESULTS, "multi30k.md"))
+    plot(results)
+
+
+def plot(results):
+    """Loss and greedy validation BLEU per epoch: a colour per model, a line style per seed; runs
+    still training are drawn from their logs."""
     plt = tools.pyplot("multi30k_results")
     if plt is None:
         return
-    finished = {r["model"]: r for r in results["runs"]}
+    finished = {run_key(r): r for r in results["runs"]}
+    seeds = sorted({seed for _, seed in finished} | {seed for _, seed in runs_in_progress()})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for color, model in zip(("C0", "C1"), MODELS):
-        train, valid = curves(model, finished.get(model))
-        if train:
-            axes[0].plot(*zip(*train), color=color, alpha=0.5, linewidth=0.8, label=f"{model} train")
-        if valid:
-            epochs = [e for e, _, _ in valid]
-            axes[0].plot(epochs, [loss for _, loss, _ in valid], color=color, marker="o",
-                         label=f"{model} valid")
-            axes[1].plot(epochs, [b for _, _, b in valid], color=color, marker="o", label=model)
+        for style, seed in zip(("-", "--", ":", "-."), seeds):
+            train, valid = curves(work_dir(model, seed), finished.get((model, seed)))
+            name = f"{model} seed {seed}"
+            if train:
+                axes[0].plot(*zip(*train), color=color, linestyle=style, alpha=0.4, linewidth=0.8,
+                             label=f"{name} train")
+            if valid:
+                epochs = [e for e, _, _ in valid]
+                axes[0].plot(epochs, [loss for _, loss, _ in valid], color=color, linestyle=style,
+                             marker="o", markersize=3, label=f"{name} valid")
+                axes[1].plot(epochs, [b for _, _, b in valid], color=color, linestyle=style,
+                             marker="o", markersize=3, label=name)
     axes[0].set_title("loss (label-smoothed, base 2)")
-    axes[1].set_title("validation BLEU, greedy (per epoch)")
+    axes[1].set_title("validation BLEU, greedy (per epoch; axis from 20)")
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     axes[0].set_ylim(top=8)
+    axes[1].set_ylim(bottom=20)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "multi30k_curves.png"), dpi=110)
     say(f"wrote {os.path.join(RESULTS, 'multi30k_curves.png')}")
+
+
+def runs_in_progress():
+    """(model, seed) of the work directories under WORK."""
+    found = []
+    for name in sorted(os.listdir(WORK)) if os.path.isdir(WORK) else []:
+        model, _, seed = name.partition(".seed")
+        if model in MODELS and seed.isdigit():
+            found.append((model, int(seed)))
+    return found
 
 
 def main(argv=None):
@@ -268,7 +327,8 @@ def main(argv=None):
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, of {', '.join(MODELS)} (default: both)")
-    parser.add_argument("--jobs", type=int, default=2, help="models side by side (default 2)")
+    parser.add_argument("--seeds", default="1,2", help="comma-separated training seeds (default 1,2)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads per job (default 1; e.g. 2 for one model alone)")
     parser.add_argument("--max-epoch", type=int, default=40, help="at most this many epochs (40)")
@@ -280,6 +340,10 @@ def main(argv=None):
     for model in models:
         if model not in MODELS:
             parser.error(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 1,2")
     if args.jobs < 1 or args.threads < 1 or args.max_epoch < 1 or args.patience < 1:
         parser.error("--jobs, --threads, --max-epoch and --patience must be >= 1")
     if not args.report:
@@ -287,15 +351,21 @@ def main(argv=None):
         subprocess.run(["bash", os.path.join(ROOT, "scripts", "prepare-multi30k.sh"), "--pair", "en-de"],
                        cwd=ROOT, check=True)
 
-        def run(model):
-            train(model, args.max_epoch, args.patience, args.threads)
-            result = evaluate(model, args.threads)
+        def run(model, seed):
+            train(model, seed, args.max_epoch, args.patience, args.threads)
+            result = evaluate(model, seed, args.threads)
             save_result(result)
-            say(f"{model}: test2016 BLEU {result['test2016_bleu_tokenized']:.2f} (tokenized), "
-                f"sacreBLEU {result['test2016_sacrebleu']:.2f}, with {result['chosen']}")
+            say(f"{model} seed {seed}: test2016 BLEU {result['test2016_bleu_tokenized']:.2f} "
+                f"(tokenized), sacreBLEU {result['test2016_sacrebleu']:.2f}, with {result['chosen']}")
 
+        finished = {run_key(r) for r in load_results()["runs"]}
+        runs = [(model, seed) for seed in seeds for model in models]
+        for model, seed in runs:
+            if (model, seed) in finished:
+                say(f"{model} seed {seed}: has a result in {RESULTS_JSON}; not trained again")
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run, model) for model in models]:
+            for future in [pool.submit(run, model, seed) for model, seed in runs
+                           if (model, seed) not in finished]:
                 future.result()
     report()
 
