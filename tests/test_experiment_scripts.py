@@ -4,6 +4,7 @@ directories under outputs/ do not outlive a checkout)."""
 
 import json
 import os
+import sys
 
 import pytest
 from conftest import load_example
@@ -144,3 +145,19 @@ def test_wikitext2_resume_skips_finished_runs_and_redo_trains_them_again(tmp_pat
     assert trained[-1] == ("moe-4", 1, False)  # its work directory was cleared first
     runs = json.loads((tmp_path / "results" / "wikitext2.json").read_text())["runs"]
     assert [(r["seed"], r["test_ppl"]) for r in runs] == [(1, 93.0), (2, 92.0)]
+
+
+def test_run_logged_sets_threads_and_malloc_and_a_failure_shows_the_log(tmp_path, monkeypatch):
+    """A job runs on the threads asked for and with glibc keeping freed buffers (unless the user
+    set the variable); a failing job raises with the end of its log."""
+    tools = load_example("experiment_tools.py")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    log = tmp_path / "job.log"
+    names = ("OMP_NUM_THREADS", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+    show = f"import os; print([os.environ[v] for v in {names}])"
+    tools.run_logged([sys.executable, "-c", show], str(log), str(tmp_path), threads=3)
+    assert log.read_text().strip() == "['3', '0', '12345']"
+    with pytest.raises(RuntimeError, match=r"python[\d.]* failed \(status 3\)(.|\n)*going down"):
+        tools.run_logged([sys.executable, "-c", "print('going down'); raise SystemExit(3)"], str(log),
+                         str(tmp_path))

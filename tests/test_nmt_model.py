@@ -2,6 +2,7 @@
 padding invariance, attention math, presets and argument errors."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -117,6 +118,24 @@ def test_bidirectional_layer_equals_packed_sequences(proj):
     expected = torch.autograd.grad((expected_BTD * weights).sum(), [x_BTD, *lstm.parameters()])
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_bidirectional_layer_leaves_other_warnings_once_per_place():
+    """A warning raised at one place between forward passes prints once, as Python's default
+    filter intends: the layer touches no warning filters per call (that would make fairseq's
+    deprecation warnings print at every training step)."""
+    lstm = nmt.make_lstm(8, 6, 6, "--hidden", bidirectional=True)
+    x_BTD, lengths_B = torch.randn(2, 5, 8), torch.tensor([5, 3])
+
+    def warn_here():
+        warnings.warn("smoe test: once per place", FutureWarning, stacklevel=1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            warn_here()
+            nmt.run_lstm(lstm, x_BTD, lengths_B)
+    assert [str(w.message) for w in caught].count("smoe test: once per place") == 1
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])

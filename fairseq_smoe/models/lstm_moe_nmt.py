@@ -97,14 +97,17 @@ def _run_direction(lstm: nn.LSTM, x_BTD: torch.Tensor, suffix: str) -> torch.Ten
     B = x_BTD.shape[0]
     h0 = x_BTD.new_zeros(1, B, lstm.proj_size or lstm.hidden_size)
     c0 = x_BTD.new_zeros(1, B, lstm.hidden_size)
-    with warnings.catch_warnings():
-        # cuDNN takes one direction's weights from the middle of the layer's flat weight buffer
-        # as "not one contiguous chunk" and copies them per call (a few MB, against packing's
-        # host sync of the lengths); its warning about that says nothing the user can act on.
-        warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
-        out_BTH, _, _ = torch.lstm(x_BTD, (h0, c0), weights, lstm.bias, 1, 0.0, lstm.training,
-                                   False, True)
+    out_BTH, _, _ = torch.lstm(x_BTD, (h0, c0), weights, lstm.bias, 1, 0.0, lstm.training,
+                               False, True)
     return out_BTH
+
+
+# cuDNN takes one direction's weights from the middle of the layer's flat weight buffer as "not
+# one contiguous chunk" and copies them per call (a few MB, against packing's host sync of the
+# lengths); its warning about that says nothing the user can act on. The filter is set once here:
+# a catch_warnings() around each call would reset Python's once-per-place record of every
+# warning in the process, so that fairseq's and torch's warnings printed again at every step.
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
 
 
 def make_embedding(num_embeddings: int, dim: int, padding_idx: int) -> nn.Embedding:
