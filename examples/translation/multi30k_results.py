@@ -289,7 +289,7 @@ def plot(results):
     for color, model in zip(("C0", "C1"), MODELS):
         for style, seed in zip(("-", "--", ":", "-."), seeds):
             train, valid = curves(work_dir(model, seed), finished.get((model, seed)))
-            name = f"{model} seed {seed}"
+            name = f"{model} seed {seed}" + ("" if (model, seed) in finished else " (training)")
             if train:
                 axes[0].plot(*zip(*train), color=color, linestyle=style, alpha=0.4, linewidth=0.8,
                              label=f"{name} train")
