@@ -73,7 +73,7 @@ def test_multi30k_validations_from_log_and_plot_from_results_file(tmp_path, caps
     (work / "train.log").write_text(MT_LOG)
     assert experiment.validations(str(work)) == [(2, 6.839, 4.6)]
     assert experiment.training_curve(str(work)) == [(1.5, 6.5)]
-    assert experiment.runs_in_progress() == [("moe", 1)]
+    assert experiment.work_dirs() == {("moe", 1): " (training)"}
 
     # A finished run is plotted from the results file even with its work directory gone.
     (work / "train.log").unlink()
@@ -108,8 +108,69 @@ def test_multi30k_seeds_give_mean_and_spread_and_the_best_on_validation_stands_f
     assert (tmp_path / "results" / "moe.hyp").read_text() == "seed 2\n"
 
 
+def test_multi30k_resume_skips_finished_runs_redo_clears_them_and_a_failure_is_reported(tmp_path, capsys,
+                                                                                      monkeypatch):
+    experiment = load_example("translation/multi30k_results.py")
+    redirect(experiment, tmp_path, "multi30k.json")
+    experiment.RUN_HYP = str(tmp_path / "results" / "{model}.seed{seed}.hyp")
+    experiment.HYP = str(tmp_path / "results" / "{model}.hyp")
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *args, **kwargs: None)  # data prepared
+    trained = []
+
+    def fake_train(model, seed, max_epoch, patience, threads):
+        work = experiment.work_dir(model, seed)
+        trained.append((model, seed, os.path.exists(os.path.join(work, "leftover"))))
+        os.makedirs(work, exist_ok=True)
+        (tmp_path / "work" / f"{model}.seed{seed}" / "leftover").write_text("")
+        if model == "baseline":
+            raise RuntimeError("fairseq-train failed (status 1); end of its log: out of memory")
+
+    def fake_evaluate(model, seed, threads):
+        (tmp_path / "results" / f"{model}.seed{seed}.hyp").write_text(f"{model} {seed}\n")
+        return mt_result(model, seed, 10.0 + seed, 9.0 + len(trained))
+
+    monkeypatch.setattr(experiment, "train", fake_train)
+    monkeypatch.setattr(experiment, "evaluate", fake_evaluate)
+    os.makedirs(tmp_path / "results")
+    experiment.save_result(mt_result("moe", 1, 11.0, 1.0))
+    (tmp_path / "results" / "moe.seed1.hyp").write_text("moe 1\n")
+
+    # A repeated seed is one run; seed 1 has a result; baseline fails and is named, the rest goes on.
+    assert experiment.main(["--seeds", "1,2,2", "--jobs", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "moe seed 1: has a result" in out and "baseline seed 2 failed: fairseq-train failed" in out
+    assert sorted(trained) == [("baseline", 1, False), ("baseline", 2, False), ("moe", 2, False)]
+    runs = json.loads((tmp_path / "results" / "multi30k.json").read_text())["runs"]
+    assert [(r["model"], r["seed"], r["test2016_bleu_tokenized"]) for r in runs] == [("moe", 1, 1.0),
+                                                                                      ("moe", 2, 11.0)]
+    assert (tmp_path / "results" / "moe.hyp").read_text() == "moe 2\n"  # seed 2 is better on valid
+    assert experiment.work_dirs()[("baseline", 2)] == " (training)"
+
+    # --redo trains a finished run again from a cleared work directory and replaces its result.
+    trained.clear()
+    assert experiment.main(["--redo", "--models", "moe", "--seeds", "2"]) == 0
+    assert trained == [("moe", 2, False)]
+    runs = json.loads((tmp_path / "results" / "multi30k.json").read_text())["runs"]
+    assert [(r["seed"], r["test2016_bleu_tokenized"]) for r in runs] == [(1, 1.0), (2, 10.0)]
+
+
+def test_multi30k_report_names_a_missing_hypotheses_file_and_a_result_without_seed(tmp_path, capsys):
+    experiment = load_example("translation/multi30k_results.py")
+    redirect(experiment, tmp_path, "multi30k.json")
+    experiment.RUN_HYP = str(tmp_path / "results" / "{model}.seed{seed}.hyp")
+    experiment.HYP = str(tmp_path / "results" / "{model}.hyp")
+    experiment.save_result(mt_result("moe", 3, 11.0, 1.0))
+    experiment.report()
+    assert "moe.seed3.hyp is missing" in capsys.readouterr().out
+    assert "| moe | 3 | - | 2 (2) |" in (tmp_path / "results" / "multi30k.md").read_text()
+    old = mt_result("baseline", 1, 11.0, 1.0)
+    del old["seed"]
+    with pytest.raises(RuntimeError, match='has no "seed"'):
+        experiment.save_result(old)
+
+
 @pytest.mark.parametrize("argv", [["--jobs", "0"], ["--threads", "0"], ["--models", "moe,nope"],
-                                  ["--seeds", "1,two"]])
+                                  ["--seeds", "1,two"], ["--seeds", "-1"]])
 def test_multi30k_refuses_impossible_arguments(argv, capsys):
     experiment = load_example("translation/multi30k_results.py")
     with pytest.raises(SystemExit) as exit_info:

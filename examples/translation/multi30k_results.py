@@ -9,26 +9,32 @@ dropout 0.3, label smoothing 0.1, 4000 tokens a batch. They differ only in the M
                k = 2, strictly balanced gating (App. F), w_importance = w_load = 0.01
     baseline   the same network with both MoE layers removed (lstm_moe_nmt_baseline)
 
-Each trains until greedy validation BLEU (logged every epoch) has not improved for --patience
-epochs (at most --max-epoch). The checkpoint is then chosen on validation only: beam 5 on the
-validation set with checkpoint_best.pt and with the average of the last epoch checkpoints
-(up to 5, ending at the best epoch), the better one decodes test2016 with beam 5. Results go to
-examples/translation/results/: the hypotheses (one line per test sentence in test order, BPE
-removed, lower-cased tokenized like data/multi30k/tok), multi30k.json (BLEU and what was
-chosen), multi30k.md (the table) and multi30k_curves.png.
+Each model trains with seeds 1 and 2 (--seeds), until greedy validation BLEU (logged every epoch)
+has not improved for --patience epochs (at most --max-epoch). Each run's checkpoint is then
+chosen on validation only: beam 5 on the validation set with checkpoint_best.pt and with the
+average of the last epoch checkpoints (up to 5, ending at the best epoch), the better one decodes
+test2016 with beam 5. Results go to examples/translation/results/: each run's hypotheses
+(MODEL.seedN.hyp: one line per test sentence in test order, BPE removed, lower-cased tokenized
+like data/multi30k/tok), multi30k.json (BLEU and what was chosen, per run), multi30k.md (mean ±
+half range over seeds, and per run) and multi30k_curves.png. MODEL.hyp, the file that stands for
+a model, is a copy of its seed with the better beam-5 validation BLEU (never looked at on test).
 
     .venv/bin/python examples/translation/multi30k_results.py            # everything
-    .venv/bin/python examples/translation/multi30k_results.py --models moe
-    .venv/bin/python examples/translation/multi30k_results.py --report   # table + plot only
+    .venv/bin/python examples/translation/multi30k_results.py --models moe --seeds 2
+    .venv/bin/python examples/translation/multi30k_results.py --redo --models moe --seeds 2
+    .venv/bin/python examples/translation/multi30k_results.py --report   # tables + plot only
 
-It resumes where it stopped: training continues from checkpoint_last.pt in
-outputs/multi30k_results/MODEL/ (git-ignored), finished stages are skipped. The two models
-train side by side (--jobs), one thread each.
+It resumes where it stopped: a run with a result in multi30k.json is not trained again (--redo
+trains it again from a cleared work directory; the old result stays until the new one is in),
+training continues from checkpoint_last.pt in outputs/multi30k_results/MODEL.seedN/
+(git-ignored; runs of before --seeds, in outputs/multi30k_results/MODEL/, are not picked up),
+finished stages are skipped. Runs go two at a time (--jobs), one thread each.
 """
 
 import argparse
 import concurrent.futures
 import fcntl
+import itertools
 import os
 import re
 import shutil
@@ -202,6 +208,9 @@ def save_result(result):
 
 def run_key(result):
     """(model, seed) of a result."""
+    if "seed" not in result:
+        raise RuntimeError(f"a {result['model']} result in {RESULTS_JSON} has no \"seed\" (it is from "
+                           "before --seeds): add \"seed\": 1 to it, or delete it to train it again")
     return result["model"], result["seed"]
 
 
@@ -236,7 +245,7 @@ def curves(work, result):
             [(c["epoch"], c["valid_loss"], c["valid_bleu_greedy"]) for c in result["curve"]])
 
 
-def valid_bleu(result):
+def chosen_valid_bleu(result):
     """Beam-5 validation BLEU of the checkpoint a run decoded test2016 with."""
     return result["valid_bleu_beam5"][result["chosen"]]
 
@@ -244,7 +253,7 @@ def valid_bleu(result):
 def best_on_validation(runs):
     """The run whose chosen checkpoint has the best beam-5 validation BLEU (the lower seed on a tie):
     its hypotheses stand for the model, a choice that never looks at test2016."""
-    return max(runs, key=lambda r: (valid_bleu(r), -run_key(r)[1]))
+    return max(runs, key=lambda r: (chosen_valid_bleu(r), -run_key(r)[1]))
 
 
 def report():
@@ -252,16 +261,22 @@ def report():
     by_model = {}
     for r in results["runs"]:
         by_model.setdefault(r["model"], []).append(r)
-    lines = ["| model | seeds | test2016 BLEU, tokenized (mean ± half range) | sacreBLEU | "
-             "valid BLEU, beam 5 | " + os.path.basename(HYP).replace("{model}", "MODEL") + " |",
+    lines = ["Mean ± half range over the seeds, then each run:", "",
+             "| model | seeds | test2016 BLEU, tokenized | sacreBLEU | valid BLEU, beam 5 | "
+             + os.path.basename(HYP).replace("{model}", "MODEL") + " |",
              "|---|---|---|---|---|---|"]
     for model, runs in by_model.items():
         chosen = best_on_validation(runs)
-        shutil.copyfile(RUN_HYP.format(model=model, seed=run_key(chosen)[1]), HYP.format(model=model))
+        hypotheses = RUN_HYP.format(model=model, seed=run_key(chosen)[1])
+        if os.path.exists(hypotheses):
+            shutil.copyfile(hypotheses, HYP.format(model=model))
+        else:  # e.g. a results file copied from another checkout without its .hyp files
+            say(f"{model}: {hypotheses} is missing, so {HYP.format(model=model)} is left as it is; "
+                f"--redo --models {model} --seeds {run_key(chosen)[1]} decodes it again")
         lines.append(f"| {model} | {','.join(str(run_key(r)[1]) for r in runs)} | "
                      f"**{tools.mean_and_half_range([r['test2016_bleu_tokenized'] for r in runs])}** | "
                      f"{tools.mean_and_half_range([r['test2016_sacrebleu'] for r in runs])} | "
-                     f"{tools.mean_and_half_range([valid_bleu(r) for r in runs])} | "
+                     f"{tools.mean_and_half_range([chosen_valid_bleu(r) for r in runs])} | "
                      f"seed {run_key(chosen)[1]}'s (best valid BLEU) |")
     lines += ["", "| model | seed | parameters | epochs (best) | checkpoint | valid BLEU, beam 5 | "
               "test2016 BLEU (tokenized) | sacreBLEU | training wall |",
@@ -270,7 +285,7 @@ def report():
         params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
         wall = f"{r['train_wall_s'] / 60:.0f} min" if r.get("train_wall_s") else "-"
         lines.append(f"| {r['model']} | {run_key(r)[1]} | {params} | {r['epochs_trained']} "
-                     f"({r['best_epoch']}) | {r['chosen']} | {valid_bleu(r):.2f} | "
+                     f"({r['best_epoch']}) | {r['chosen']} | {chosen_valid_bleu(r):.2f} | "
                      f"**{r['test2016_bleu_tokenized']:.2f}** | {r['test2016_sacrebleu']:.2f} | "
                      f"{wall} |")
     tools.write_table(lines, os.path.join(RESULTS, "multi30k.md"))
@@ -284,12 +299,13 @@ def plot(results):
     if plt is None:
         return
     finished = {run_key(r): r for r in results["runs"]}
-    seeds = sorted({seed for _, seed in finished} | {seed for _, seed in runs_in_progress()})
+    unfinished = {run: label for run, label in work_dirs().items() if run not in finished}
+    seeds = sorted({seed for _, seed in finished} | {seed for _, seed in unfinished})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for color, model in zip(("C0", "C1"), MODELS):
-        for style, seed in zip(("-", "--", ":", "-."), seeds):
+        for style, seed in zip(itertools.cycle(("-", "--", ":", "-.")), seeds):
             train, valid = curves(work_dir(model, seed), finished.get((model, seed)))
-            name = f"{model} seed {seed}" + ("" if (model, seed) in finished else " (training)")
+            name = f"{model} seed {seed}" + unfinished.get((model, seed), "")
             if train:
                 axes[0].plot(*zip(*train), color=color, linestyle=style, alpha=0.4, linewidth=0.8,
                              label=f"{name} train")
@@ -311,13 +327,15 @@ def plot(results):
     say(f"wrote {os.path.join(RESULTS, 'multi30k_curves.png')}")
 
 
-def runs_in_progress():
-    """(model, seed) of the work directories under WORK."""
-    found = []
+def work_dirs():
+    """{(model, seed): what its legend says of a run without a result} for the work directories
+    under WORK."""
+    found = {}
     for name in sorted(os.listdir(WORK)) if os.path.isdir(WORK) else []:
         model, _, seed = name.partition(".seed")
         if model in MODELS and seed.isdigit():
-            found.append((model, int(seed)))
+            trained = os.path.exists(os.path.join(WORK, name, "train.done"))
+            found[(model, int(seed))] = " (not evaluated)" if trained else " (training)"
     return found
 
 
@@ -334,40 +352,62 @@ def main(argv=None):
     parser.add_argument("--max-epoch", type=int, default=40, help="at most this many epochs (40)")
     parser.add_argument("--patience", type=int, default=5,
                         help="stop after this many epochs without a better validation BLEU (5)")
-    parser.add_argument("--report", action="store_true", help="only write the table and the plot")
+    parser.add_argument("--report", action="store_true", help="only write the tables and the plot")
+    parser.add_argument("--redo", action="store_true",
+                        help="train the runs again from scratch even where they have a result "
+                             "(their work directories are cleared; the old result stays until "
+                             "the new one is in)")
     args = parser.parse_args(argv)
-    models = args.models.split(",")
+    models = list(dict.fromkeys(args.models.split(",")))
     for model in models:
         if model not in MODELS:
             parser.error(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
-    try:
-        seeds = [int(seed) for seed in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 1,2")
+    seeds = list(dict.fromkeys(args.seeds.split(",")))
+    if not all(seed.isdigit() for seed in seeds):
+        parser.error(f"--seeds {args.seeds!r}: give whole numbers >= 0 separated by commas, e.g. 1,2")
     if args.jobs < 1 or args.threads < 1 or args.max_epoch < 1 or args.patience < 1:
         parser.error("--jobs, --threads, --max-epoch and --patience must be >= 1")
+    failed = []
     if not args.report:
         say("preparing Multi30k (scripts/prepare-multi30k.sh; skipped when done)")
         subprocess.run(["bash", os.path.join(ROOT, "scripts", "prepare-multi30k.sh"), "--pair", "en-de"],
                        cwd=ROOT, check=True)
-
-        def run(model, seed):
-            train(model, seed, args.max_epoch, args.patience, args.threads)
-            result = evaluate(model, seed, args.threads)
-            save_result(result)
-            say(f"{model} seed {seed}: test2016 BLEU {result['test2016_bleu_tokenized']:.2f} "
-                f"(tokenized), sacreBLEU {result['test2016_sacrebleu']:.2f}, with {result['chosen']}")
-
-        finished = {run_key(r) for r in load_results()["runs"]}
-        runs = [(model, seed) for seed in seeds for model in models]
-        for model, seed in runs:
-            if (model, seed) in finished:
-                say(f"{model} seed {seed}: has a result in {RESULTS_JSON}; not trained again")
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run, model, seed) for model, seed in runs
-                           if (model, seed) not in finished]:
-                future.result()
+        runs = [(model, int(seed)) for seed in seeds for model in models]
+        failed = train_and_evaluate(runs, args)
     report()
+    return 1 if failed else 0
+
+
+def train_and_evaluate(runs, args):
+    """Train and evaluate the ``runs`` [(model, seed)] without a result (all with --redo),
+    ``args.jobs`` at a time; the runs that failed, each reported with the end of its log."""
+    finished = set() if args.redo else {run_key(r) for r in load_results()["runs"]}
+    todo = [run for run in runs if run not in finished]
+    for model, seed in runs:
+        if (model, seed) not in todo:
+            say(f"{model} seed {seed}: has a result in {RESULTS_JSON}; not trained again (--redo would)")
+    if args.redo:
+        for model, seed in todo:
+            shutil.rmtree(work_dir(model, seed), ignore_errors=True)
+
+    def run(model, seed):
+        train(model, seed, args.max_epoch, args.patience, args.threads)
+        result = evaluate(model, seed, args.threads)
+        save_result(result)
+        say(f"{model} seed {seed}: test2016 BLEU {result['test2016_bleu_tokenized']:.2f} "
+            f"(tokenized), sacreBLEU {result['test2016_sacrebleu']:.2f}, with {result['chosen']}")
+
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run, model, seed): (model, seed) for model, seed in todo}
+        for future in concurrent.futures.as_completed(futures):
+            model, seed = futures[future]
+            try:
+                future.result()
+            except RuntimeError as error:
+                say(f"{model} seed {seed} failed: {error}")
+                failed.append((model, seed))
+    return failed
 
 
 if __name__ == "__main__":
