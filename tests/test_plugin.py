@@ -121,6 +121,7 @@ print(json.dumps({
     "CLI_ERRORS": getattr(sys.excepthook, "_smoe", False),
     "BF16_CUDA": getattr(sys.modules["fairseq_cli.train"].convert_namespace_to_omegaconf,
                          "_smoe_bf16_cuda", False),
+    "PATIENCE_RESUME": getattr(Trainer, "_smoe_patience_resume", False),
 }))
 """
 

@@ -21,6 +21,7 @@ process once installed, i.e. to every model fairseq trains in it, not only ours.
     FP16_EXPERTS         fairseq_smoe.optim   FP16Optimizer's fp32 copies keep the expert marks
     CLI_ERRORS           cli_errors           sys.excepthook in fairseq-* commands: one-line errors
     BF16_CUDA            bf16_cuda            --bf16 on a GPU trains in CUDA bf16 (fairseq: TPU only)
+    PATIENCE_RESUME      patience_resume      Trainer save/load keep --patience's count over a resume
 """
 
 import importlib
@@ -72,6 +73,9 @@ PATCHES: List[Patch] = [
     Patch("BF16_CUDA", "bf16_cuda", "install",
           "--bf16 with CUDA and without torch_xla trains in CUDA bf16 instead of asking torch_xla "
           "for a TPU"),
+    Patch("PATIENCE_RESUME", "patience_resume", "install",
+          "checkpoints keep --patience's count (best score, epochs without improvement) and a "
+          "resume restores it"),
 ]
 
 _installed: Dict[str, bool] = {}
