@@ -182,16 +182,25 @@ def evaluate(model, seed, threads):
     # fairseq counts "shared" and "expert" parameters apart (its MoE bookkeeping; ours are
     # shared to it): their sum is the model's size.
     counts = re.findall(r"num\. (?:shared|expert) model params: ([\d,]+)", log)[:2]
-    wall = re.findall(r"\| wall (\d+)", log)
     return {"model": model, "seed": seed, "args": MODELS[model], "epochs_trained": epochs[-1][0],
             "best_epoch": best_epoch, "averaged_epochs": [window[0], window[-1]],
             "valid_bleu_beam5": valid_bleu, "chosen": chosen,
             "test2016_bleu_tokenized": test_bleu,
             "test2016_sacrebleu": round(sacrebleu_score(hypotheses, REFERENCE), 2),
             "params": sum(int(n.replace(",", "")) for n in counts) if counts else None,
-            "train_wall_s": int(wall[-1]) if wall else None,
+            "train_wall_s": training_wall(log),
             "curve": [{"epoch": e, "valid_loss": loss, "valid_bleu_greedy": b} for e, loss, b in epochs],
             "train_curve": [[round(x, 3), loss] for x, loss in training_curve(work)]}
+
+
+def training_wall(log):
+    """Seconds of training in a log, summed over its resumes (fairseq's wall clock starts again
+    at 0 in each), the partial epochs that a stop threw away included; None without any."""
+    walls = [int(w) for w in re.findall(r"\bwall[= ](\d+)", log)]
+    if not walls:
+        return None
+    ends = [before for before, after in zip(walls, walls[1:]) if after < before]
+    return sum(ends) + walls[-1]
 
 
 def load_results():
