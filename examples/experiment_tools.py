@@ -1,9 +1,10 @@
 """What the long experiment scripts under examples/ share: running a logged command on one
-thread, writing a results file atomically, a mean and spread over seeds, writing a table, and
-matplotlib when installed."""
+thread, the training time in a fairseq log, writing a results file atomically, a mean and spread
+over seeds, writing a table, and matplotlib when installed."""
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -32,6 +33,16 @@ def run_logged(cmd, log_path: str, cwd: str, mode: str = "a", threads: int = 1) 
         with open(log_path) as f:
             tail = f.read()[-3000:]
         raise RuntimeError(f"{os.path.basename(cmd[0])} failed (status {status}); end of {log_path}:\n{tail}")
+
+
+def training_wall(log: str):
+    """Seconds of training in a log, summed over its resumes (fairseq's wall clock starts again
+    at 0 in each), the partial epochs that a stop threw away included; None without any."""
+    walls = [int(w) for w in re.findall(r"\bwall[= ](\d+)", log)]
+    if not walls:
+        return None
+    ends = [before for before, after in zip(walls, walls[1:]) if after < before]
+    return sum(ends) + walls[-1]
 
 
 def load_json(path: str, empty):

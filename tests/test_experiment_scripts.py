@@ -88,15 +88,15 @@ def test_multi30k_validations_from_log_and_plot_from_results_file(tmp_path, caps
     assert (tmp_path / "results" / "multi30k_curves.png").stat().st_size > 0
 
 
-def test_multi30k_training_wall_adds_the_segments_of_a_resumed_run():
-    experiment = load_example("translation/multi30k_results.py")
+def test_training_wall_adds_the_segments_of_a_resumed_run():
+    tools = load_example("experiment_tools.py")
     log = ("| train_inner | epoch 001:  20 / 130 loss=9, wall=60\n"
            "| train | epoch 001 | loss 8 | wall 300\n"
            "| train_inner | epoch 002:  20 / 130 loss=7, wall=360\n"  # stopped here, resumed:
            "| train_inner | epoch 002:  20 / 130 loss=7, wall=55\n"
            "| train | epoch 002 | loss 6 | train_wall 280 | wall 290\n")
-    assert experiment.training_wall(log) == 360 + 290
-    assert experiment.training_wall("no clock here") is None
+    assert tools.training_wall(log) == 360 + 290
+    assert tools.training_wall("no clock here") is None
 
 
 def test_multi30k_seeds_give_mean_and_spread_and_the_best_on_validation_stands_for_the_model(tmp_path):

@@ -83,7 +83,6 @@ def train_and_evaluate(model, seed, epochs):
     work = os.path.join(WORK, name)
     os.makedirs(work, exist_ok=True)
     train_log = os.path.join(work, "train.log")
-    started = time.time()
     run_logged([os.path.join(BIN, "fairseq-train"), DATA, "--user-dir", "fairseq_smoe",
                 "--task", "language_modeling", "--arch", "lstm_moe_lm_wikitext2_demo",
                 "--criterion", "smoe_cross_entropy", *MODELS[model],
@@ -94,6 +93,7 @@ def train_and_evaluate(model, seed, epochs):
                 "--cpu", "--num-workers", "0", "--seed", str(seed), "--log-format", "simple",
                 "--log-interval", "50", "--save-dir", os.path.join(work, "checkpoints"),
                 "--no-epoch-checkpoints"], train_log)
+    evaluation_started = time.time()
     ppl = {}
     for split in ("valid", "test"):
         log = os.path.join(work, f"eval-{split}.log")
@@ -116,7 +116,8 @@ def train_and_evaluate(model, seed, epochs):
               "tokens": int(float(stats.get("num_updates", 0))) * 2048,
               "updates": int(float(stats.get("num_updates", 0))), "epochs": epochs,
               "train_ppl_last_epoch": float(stats.get("ppl", "nan")),
-              "wall_s": round(time.time() - started)}
+              # training summed over resumes (fairseq's clock restarts in each), then evaluation
+              "wall_s": (tools.training_wall(log_text) or 0) + round(time.time() - evaluation_started)}
     for key in ("moe_cv_imp", "moe_cv_load", "moe_max_load", "moe_min_load", "moe_dead"):
         if key in stats:
             result[key + "_last_epoch"] = float(stats[key])

@@ -188,19 +188,9 @@ def evaluate(model, seed, threads):
             "test2016_bleu_tokenized": test_bleu,
             "test2016_sacrebleu": round(sacrebleu_score(hypotheses, REFERENCE), 2),
             "params": sum(int(n.replace(",", "")) for n in counts) if counts else None,
-            "train_wall_s": training_wall(log),
+            "train_wall_s": tools.training_wall(log),
             "curve": [{"epoch": e, "valid_loss": loss, "valid_bleu_greedy": b} for e, loss, b in epochs],
             "train_curve": [[round(x, 3), loss] for x, loss in training_curve(work)]}
-
-
-def training_wall(log):
-    """Seconds of training in a log, summed over its resumes (fairseq's wall clock starts again
-    at 0 in each), the partial epochs that a stop threw away included; None without any."""
-    walls = [int(w) for w in re.findall(r"\bwall[= ](\d+)", log)]
-    if not walls:
-        return None
-    ends = [before for before, after in zip(walls, walls[1:]) if after < before]
-    return sum(ends) + walls[-1]
 
 
 def load_results():
