@@ -271,7 +271,7 @@ def report():
             shutil.copyfile(hypotheses, HYP.format(model=model))
         else:  # e.g. a results file copied from another checkout without its .hyp files
             say(f"{model}: {hypotheses} is missing, so {HYP.format(model=model)} is left as it is; "
-                f"--redo --models {model} --seeds {run_key(chosen)[1]} decodes it again")
+                f"--redo --models {model} --seeds {run_key(chosen)[1]} trains and decodes that run again")
         lines.append(f"| {model} | {','.join(str(run_key(r)[1]) for r in runs)} | "
                      f"**{tools.mean_and_half_range([r['test2016_bleu_tokenized'] for r in runs])}** | "
                      f"{tools.mean_and_half_range([r['test2016_sacrebleu'] for r in runs])} | "
