@@ -55,8 +55,9 @@ def test_wikitext2_curves_from_log_and_report_from_results_file(tmp_path, capsys
     assert (tmp_path / "results" / "wikitext2_curves.png").stat().st_size > 0
 
 
-def mt_result(model, seed, valid, test):
-    return {"model": model, "seed": seed, "epochs_trained": 2, "best_epoch": 2,
+def mt_result(model, seed, valid, test, epochs_trained=7):
+    """A finished run whose best epoch is 2: with 7 epochs it stopped on its plateau (patience 5)."""
+    return {"model": model, "seed": seed, "epochs_trained": epochs_trained, "best_epoch": 2,
             "chosen": "checkpoint_best.pt", "valid_bleu_beam5": {"checkpoint_best.pt": valid},
             "test2016_bleu_tokenized": test, "test2016_sacrebleu": test - 0.1,
             "curve": [{"epoch": 2, "valid_loss": 6.839, "valid_bleu_greedy": 4.6}],
@@ -84,7 +85,7 @@ def test_multi30k_validations_from_log_and_plot_from_results_file(tmp_path, caps
     (tmp_path / "results" / "baseline.seed1.hyp").write_text("ein hund .\n")
     experiment.report()
     table = (tmp_path / "results" / "multi30k.md").read_text()
-    assert "| baseline | 1 | - | 2 (2) | checkpoint_best.pt | 5.10 | **4.90** | 4.80 | - |" in table
+    assert "| baseline | 1 | - | 7 (2) | checkpoint_best.pt | 5.10 | **4.90** | 4.80 | - |" in table
     assert (tmp_path / "results" / "multi30k_curves.png").stat().st_size > 0
 
 
@@ -136,7 +137,7 @@ def test_multi30k_resume_skips_finished_runs_redo_clears_them_and_a_failure_is_r
         if model == "baseline":
             raise RuntimeError("fairseq-train failed (status 1); end of its log: out of memory")
 
-    def fake_evaluate(model, seed, threads):
+    def fake_evaluate(model, seed, threads, max_epoch, patience):
         (tmp_path / "results" / f"{model}.seed{seed}.hyp").write_text(f"{model} {seed}\n")
         return mt_result(model, seed, 10.0 + seed, 9.0 + len(trained))
 
@@ -173,11 +174,54 @@ def test_multi30k_report_names_a_missing_hypotheses_file_and_a_result_without_se
     experiment.save_result(mt_result("moe", 3, 11.0, 1.0))
     experiment.report()
     assert "moe.seed3.hyp is missing" in capsys.readouterr().out
-    assert "| moe | 3 | - | 2 (2) |" in (tmp_path / "results" / "multi30k.md").read_text()
+    table = (tmp_path / "results" / "multi30k.md").read_text()
+    assert "| moe | 3 | - | 7 (2) | checkpoint_best.pt |" in table
     old = mt_result("baseline", 1, 11.0, 1.0)
     del old["seed"]
     with pytest.raises(RuntimeError, match='has no "seed"'):
         experiment.save_result(old)
+
+
+def test_multi30k_a_run_cut_by_max_epoch_trains_on_when_it_is_raised(tmp_path, capsys, monkeypatch):
+    """A run that --max-epoch stopped 1 epoch after its best (patience 5) is marked in the table;
+    a larger --max-epoch resumes it (train.done removed, so fairseq-train runs again from
+    checkpoint_last.pt); one whose checkpoints are gone is named with the --redo that retrains it."""
+    experiment = load_example("translation/multi30k_results.py")
+    redirect(experiment, tmp_path, "multi30k.json")
+    experiment.RUN_HYP = str(tmp_path / "results" / "{model}.seed{seed}.hyp")
+    experiment.HYP = str(tmp_path / "results" / "{model}.hyp")
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *args, **kwargs: None)
+    trained = []
+
+    def fake_train(model, seed, max_epoch, patience, threads):
+        done = os.path.join(experiment.work_dir(model, seed), "train.done")
+        trained.append((model, seed, max_epoch, os.path.exists(done)))
+
+    def fake_evaluate(model, seed, threads, max_epoch, patience):
+        return mt_result(model, seed, 12.0, 8.0, epochs_trained=9)
+
+    monkeypatch.setattr(experiment, "train", fake_train)
+    monkeypatch.setattr(experiment, "evaluate", fake_evaluate)
+    for model in ("moe", "baseline"):
+        experiment.save_result(mt_result(model, 2, 11.0, 7.0, epochs_trained=3))
+        (tmp_path / "results" / f"{model}.seed2.hyp").write_text("")
+    experiment.report()
+    table = (tmp_path / "results" / "multi30k.md").read_text()
+    assert "| baseline | 2 | - | 3 (2), cut by --max-epoch |" in table
+    checkpoints = tmp_path / "work" / "baseline.seed2" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "checkpoint_last.pt").write_text("")
+    (checkpoints.parent / "train.done").write_text("")
+
+    assert experiment.main(["--seeds", "2", "--max-epoch", "3"]) == 0
+    assert trained == [] and "a --max-epoch above 3 trains it on" in capsys.readouterr().out
+    assert experiment.main(["--seeds", "2", "--max-epoch", "10"]) == 0
+    out = capsys.readouterr().out
+    assert trained == [("baseline", 2, 10, False)]
+    assert "baseline seed 2: stopped at epoch 3 (--max-epoch), 1 after its best" in out
+    assert "so it cannot train on (--redo --models moe --seeds 2 trains it again" in out
+    runs = {r["model"]: r for r in json.loads((tmp_path / "results" / "multi30k.json").read_text())["runs"]}
+    assert runs["baseline"]["epochs_trained"] == 9 and runs["moe"]["epochs_trained"] == 3
 
 
 @pytest.mark.parametrize("argv", [["--jobs", "0"], ["--threads", "0"], ["--models", "moe,nope"],

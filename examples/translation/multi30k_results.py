@@ -26,6 +26,7 @@ a model, is a copy of its seed with the better beam-5 validation BLEU (never loo
 
 It resumes where it stopped: a run with a result in multi30k.json is not trained again (--redo
 trains it again from a cleared work directory; the old result stays until the new one is in),
+a run that --max-epoch stopped before its validation plateau trains on when --max-epoch is raised,
 training continues from checkpoint_last.pt in outputs/multi30k_results/MODEL.seedN/
 (git-ignored; runs of before --seeds, in outputs/multi30k_results/MODEL/, are not picked up),
 finished stages are skipped. Runs go two at a time (--jobs), one thread each.
@@ -65,6 +66,8 @@ MODELS = {
     "baseline": ["--arch", "lstm_moe_nmt_baseline", *SHARED],
 }
 AVERAGE_LAST = 5
+DEFAULT_MAX_EPOCH = 60
+DEFAULT_PATIENCE = 5
 
 
 def say(message):
@@ -146,7 +149,7 @@ def sacrebleu_score(hypotheses, reference_path):
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
-def evaluate(model, seed, threads):
+def evaluate(model, seed, threads, max_epoch, patience):
     """Choose best or averaged on validation (beam 5), decode test2016 with it."""
     work = work_dir(model, seed)
     checkpoints = os.path.join(work, "checkpoints")
@@ -183,7 +186,8 @@ def evaluate(model, seed, threads):
     # shared to it): their sum is the model's size.
     counts = re.findall(r"num\. (?:shared|expert) model params: ([\d,]+)", log)[:2]
     return {"model": model, "seed": seed, "args": MODELS[model], "epochs_trained": epochs[-1][0],
-            "best_epoch": best_epoch, "averaged_epochs": [window[0], window[-1]],
+            "best_epoch": best_epoch, "max_epoch": max_epoch, "patience": patience,
+            "averaged_epochs": [window[0], window[-1]],
             "valid_bleu_beam5": valid_bleu, "chosen": chosen,
             "test2016_bleu_tokenized": test_bleu,
             "test2016_sacrebleu": round(sacrebleu_score(hypotheses, REFERENCE), 2),
@@ -244,6 +248,12 @@ def curves(work, result):
             [(c["epoch"], c["valid_loss"], c["valid_bleu_greedy"]) for c in result["curve"]])
 
 
+def cut_by_max_epoch(result, patience):
+    """Whether a run ended at --max-epoch with fewer than --patience epochs since its best one,
+    that is before its validation plateau (results from before "patience" was kept: ``patience``)."""
+    return result["epochs_trained"] - result["best_epoch"] < result.get("patience", patience)
+
+
 def chosen_valid_bleu(result):
     """Beam-5 validation BLEU of the checkpoint a run decoded test2016 with."""
     return result["valid_bleu_beam5"][result["chosen"]]
@@ -283,8 +293,9 @@ def report():
     for r in results["runs"]:
         params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
         wall = f"{r['train_wall_s'] / 60:.0f} min" if r.get("train_wall_s") else "-"
+        cut = ", cut by --max-epoch" if cut_by_max_epoch(r, DEFAULT_PATIENCE) else ""
         lines.append(f"| {r['model']} | {run_key(r)[1]} | {params} | {r['epochs_trained']} "
-                     f"({r['best_epoch']}) | {r['chosen']} | {chosen_valid_bleu(r):.2f} | "
+                     f"({r['best_epoch']}){cut} | {r['chosen']} | {chosen_valid_bleu(r):.2f} | "
                      f"**{r['test2016_bleu_tokenized']:.2f}** | {r['test2016_sacrebleu']:.2f} | "
                      f"{wall} |")
     tools.write_table(lines, os.path.join(RESULTS, "multi30k.md"))
@@ -348,9 +359,12 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads per job (default 1; e.g. 2 for one model alone)")
-    parser.add_argument("--max-epoch", type=int, default=40, help="at most this many epochs (40)")
-    parser.add_argument("--patience", type=int, default=5,
-                        help="stop after this many epochs without a better validation BLEU (5)")
+    parser.add_argument("--max-epoch", type=int, default=DEFAULT_MAX_EPOCH,
+                        help=f"at most this many epochs ({DEFAULT_MAX_EPOCH}); raising it trains on "
+                             "the runs it stopped before their validation plateau")
+    parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                        help="stop after this many epochs without a better validation BLEU "
+                             f"({DEFAULT_PATIENCE})")
     parser.add_argument("--report", action="store_true", help="only write the tables and the plot")
     parser.add_argument("--redo", action="store_true",
                         help="train the runs again from scratch even where they have a result "
@@ -380,8 +394,8 @@ def main(argv=None):
 def train_and_evaluate(runs, args):
     """Train and evaluate the ``runs`` [(model, seed)] without a result (all with --redo),
     ``args.jobs`` at a time; the runs that failed, each reported with the end of its log."""
-    finished = set() if args.redo else {run_key(r) for r in load_results()["runs"]}
-    todo = [run for run in runs if run not in finished]
+    finished = {} if args.redo else {run_key(r): r for r in load_results()["runs"]}
+    todo = [run for run in runs if run not in finished or trains_on(finished[run], args)]
     for model, seed in runs:
         if (model, seed) not in todo:
             say(f"{model} seed {seed}: has a result in {RESULTS_JSON}; not trained again (--redo would)")
@@ -391,7 +405,7 @@ def train_and_evaluate(runs, args):
 
     def run(model, seed):
         train(model, seed, args.max_epoch, args.patience, args.threads)
-        result = evaluate(model, seed, args.threads)
+        result = evaluate(model, seed, args.threads, args.max_epoch, args.patience)
         save_result(result)
         say(f"{model} seed {seed}: test2016 BLEU {result['test2016_bleu_tokenized']:.2f} "
             f"(tokenized), sacreBLEU {result['test2016_sacrebleu']:.2f}, with {result['chosen']}")
@@ -407,6 +421,28 @@ def train_and_evaluate(runs, args):
                 say(f"{model} seed {seed} failed: {error}")
                 failed.append((model, seed))
     return failed
+
+
+def trains_on(result, args):
+    """Whether a finished run that --max-epoch cut before its plateau goes on training (from its
+    checkpoint_last.pt, its result replaced when it has a new one), saying why or why not."""
+    if not cut_by_max_epoch(result, args.patience):
+        return False
+    model, seed = run_key(result)
+    cut = (f"{model} seed {seed}: stopped at epoch {result['epochs_trained']} (--max-epoch), "
+           f"{result['epochs_trained'] - result['best_epoch']} after its best, before its plateau")
+    if args.max_epoch <= result["epochs_trained"]:
+        say(f"{cut}; a --max-epoch above {result['epochs_trained']} trains it on")
+        return False
+    work = work_dir(model, seed)
+    if not os.path.exists(os.path.join(work, "checkpoints", "checkpoint_last.pt")):
+        say(f"{cut}; its checkpoint_last.pt is gone with {work}, so it cannot train on "
+            f"(--redo --models {model} --seeds {seed} trains it again from scratch)")
+        return False
+    say(f"{cut}: training on to --max-epoch {args.max_epoch} from its checkpoint_last.pt")
+    if os.path.exists(os.path.join(work, "train.done")):
+        os.remove(os.path.join(work, "train.done"))
+    return True
 
 
 if __name__ == "__main__":
