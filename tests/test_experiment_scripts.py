@@ -119,6 +119,20 @@ def test_multi30k_seeds_give_mean_and_spread_and_the_best_on_validation_stands_f
     assert "| moe | 1,2 | **5.50 ± 0.50** | 5.40 ± 0.50 | 6.00 ± 1.00 | seed 2's (best valid BLEU) |" in table
     assert (tmp_path / "results" / "moe.hyp").read_text() == "seed 2\n"
 
+    # A seed one model has and its twin not yet is listed, but left out of the means and of MODEL.hyp.
+    for seed in (1, 2):
+        experiment.save_result(mt_result("baseline", seed, 4.0, 4.0))
+        (tmp_path / "results" / f"baseline.seed{seed}.hyp").write_text(f"baseline {seed}\n")
+    experiment.save_result(mt_result("moe", 3, 9.0, 1.0))
+    (tmp_path / "results" / "moe.seed3.hyp").write_text("seed 3\n")
+    experiment.report()
+    table = (tmp_path / "results" / "multi30k.md").read_text()
+    assert "| moe | 1,2 | **5.50 ± 0.50** |" in table
+    assert "| baseline | 1,2 | **4.00 ± 0.00** |" in table
+    assert "until every model has the seed: moe seed 3." in table
+    assert "| moe | 3 | - | 7 (2) | checkpoint_best.pt | 9.00 | **1.00** |" in table
+    assert (tmp_path / "results" / "moe.hyp").read_text() == "seed 2\n"
+
 
 def test_multi30k_resume_skips_finished_runs_redo_clears_them_and_a_failure_is_reported(tmp_path, capsys,
                                                                                       monkeypatch):

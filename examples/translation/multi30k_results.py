@@ -17,7 +17,8 @@ test2016 with beam 5. Results go to examples/translation/results/: each run's hy
 (MODEL.seedN.hyp: one line per test sentence in test order, BPE removed, lower-cased tokenized
 like data/multi30k/tok), multi30k.json (BLEU and what was chosen, per run), multi30k.md (mean ±
 half range over seeds, and per run) and multi30k_curves.png. MODEL.hyp, the file that stands for
-a model, is a copy of its seed with the better beam-5 validation BLEU (never looked at on test).
+a model, is a copy of its seed with the better beam-5 validation BLEU (never looked at on test);
+the means and that choice take only the seeds every model has finished.
 
     .venv/bin/python examples/translation/multi30k_results.py            # everything
     .venv/bin/python examples/translation/multi30k_results.py --models moe --seeds 2
@@ -270,6 +271,15 @@ def report():
     by_model = {}
     for r in results["runs"]:
         by_model.setdefault(r["model"], []).append(r)
+    # The models are compared over the seeds every one of them has finished, so that a seed run
+    # for one model first (the runs of a seed may land in different sessions) cannot tip the
+    # means or the choice of MODEL.hyp before its twin is in.
+    seed_sets = [{run_key(r)[1] for r in runs} for runs in by_model.values()]
+    compared = set.intersection(*seed_sets) if seed_sets else set()
+    compared = compared or set.union(set(), *seed_sets)
+    waiting = {model: [run_key(r)[1] for r in runs if run_key(r)[1] not in compared]
+               for model, runs in by_model.items()}
+    by_model = {model: [r for r in runs if run_key(r)[1] in compared] for model, runs in by_model.items()}
     lines = ["Mean ± half range over the seeds, then each run:", "",
              "| model | seeds | test2016 BLEU, tokenized | sacreBLEU | valid BLEU, beam 5 | "
              + os.path.basename(HYP).replace("{model}", "MODEL") + " |",
@@ -287,6 +297,10 @@ def report():
                      f"{tools.mean_and_half_range([r['test2016_sacrebleu'] for r in runs])} | "
                      f"{tools.mean_and_half_range([chosen_valid_bleu(r) for r in runs])} | "
                      f"seed {run_key(chosen)[1]}'s (best valid BLEU) |")
+    waiting = [f"{model} seed {', '.join(map(str, seeds))}" for model, seeds in waiting.items() if seeds]
+    if waiting:
+        lines += ["", f"Left out of the means and of MODEL.hyp until every model has the seed: "
+                  f"{'; '.join(waiting)}."]
     lines += ["", "| model | seed | parameters | epochs (best) | checkpoint | valid BLEU, beam 5 | "
               "test2016 BLEU (tokenized) | sacreBLEU | training wall |",
               "|---|---|---|---|---|---|---|---|---|"]
