@@ -9,7 +9,7 @@ dropout 0.3, label smoothing 0.1, 4000 tokens a batch. They differ only in the M
                k = 2, strictly balanced gating (App. F), w_importance = w_load = 0.01
     baseline   the same network with both MoE layers removed (lstm_moe_nmt_baseline)
 
-Each model trains with seeds 1 and 2 (--seeds), until greedy validation BLEU (logged every epoch)
+Each model trains with seeds 1, 2 and 3 (--seeds), until greedy validation BLEU (logged every epoch)
 has not improved for --patience epochs (at most --max-epoch). Each run's checkpoint is then
 chosen on validation only: beam 5 on the validation set with checkpoint_best.pt and with the
 average of the last epoch checkpoints (up to 5, ending at the best epoch), the better one decodes
@@ -369,7 +369,7 @@ def main(argv=None):
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated, of {', '.join(MODELS)} (default: both)")
-    parser.add_argument("--seeds", default="1,2", help="comma-separated training seeds (default 1,2)")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (default 1,2,3)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads per job (default 1; e.g. 2 for one model alone)")
