@@ -2,10 +2,10 @@
 thread, the training time in a fairseq log, writing a results file atomically, a mean and spread
 over seeds, writing a table, and matplotlib when installed."""
 
+import decimal
 import json
 import os
 import re
-import statistics
 import subprocess
 import time
 
@@ -62,12 +62,22 @@ def save_json(obj, path: str) -> None:
 
 
 def mean_and_half_range(values) -> str:
-    """"mean ± half range" of ``values`` (the spread of two seeds), the value alone for one, "-" for none."""
+    """"mean ± half range" of ``values`` (the spread over seeds), the value alone for one, "-" for none.
+
+    Rounded half up in decimal from the values as written (157.855 -> 157.86), not from their binary
+    floats, whose error would round a mean and a half range of the same runs in different directions.
+    """
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+    exact = [decimal.Decimal(repr(v)) for v in values]
+    cent = decimal.Decimal("0.01")
+
+    def fixed(x):
+        return str(x.quantize(cent, rounding=decimal.ROUND_HALF_UP))
+
+    if len(exact) == 1:
+        return fixed(exact[0])
+    return f"{fixed(sum(exact) / len(exact))} ± {fixed((max(exact) - min(exact)) / 2)}"
 
 
 def write_table(lines, path: str) -> str:

@@ -100,6 +100,16 @@ def test_training_wall_adds_the_segments_of_a_resumed_run():
     assert tools.training_wall("no clock here") is None
 
 
+def test_mean_and_half_range_rounds_half_up_from_the_written_values():
+    tools = load_example("experiment_tools.py")
+    # 157.855 and 2.235 exactly; as binary floats the half range would round down to 2.23.
+    assert tools.mean_and_half_range([160.09, 155.62]) == "157.86 ± 2.24"
+    assert tools.mean_and_half_range([167.69, 165.24]) == "166.47 ± 1.23"
+    assert tools.mean_and_half_range([39.15, 38.35, 39.27]) == "38.92 ± 0.46"
+    assert tools.mean_and_half_range([36.79]) == "36.79"
+    assert tools.mean_and_half_range([]) == "-"
+
+
 def test_multi30k_seeds_give_mean_and_spread_and_the_best_on_validation_stands_for_the_model(tmp_path):
     """Two seeds: the table shows mean ± half range, and MODEL.hyp is a copy of the hypotheses of
     the seed with the better validation BLEU, even where the other seed scores higher on test."""
