@@ -85,6 +85,38 @@ def test_reorder_incremental_state_follows_the_beam():
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["lstm_moe_lm_tiny", "lstm_moe_lm_tiny_h"])
+def test_training_and_decoding_steps_add_no_host_syncs(arch):
+    """On a device-resident backend, a training step (padded or not) and an incremental
+    decoding step with a reordered beam read nothing back to the host and make no tensor from
+    Python data (each would make the host wait for a GPU)."""
+    from fairseq_smoe.ops.counting import count_step
+
+    decoder = build_decoder(arch, moe_experts_backend="grouped_mm").train()
+    tokens = torch.randint(4, 50, (3, 6))
+    padded = tokens.clone()
+    padded[0, 4:] = decoder.dictionary.pad()
+
+    def train_step(batch):
+        out, extra = decoder(batch)
+        (out.logsumexp(-1).mean() + extra["moe_stats"]["moe"].loss).backward()
+
+    train_step(padded)  # warm-up: lazy imports
+    for batch in (padded, tokens):
+        with count_step() as counts:
+            train_step(batch)
+        assert counts.syncs == []
+    decoder.eval()
+    order = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        state = {}
+        decoder(tokens[:, :1], incremental_state=state)
+        with count_step() as counts:
+            decoder.reorder_incremental_state(state, order)
+            decoder(tokens[order][:, :2], incremental_state=state)
+    assert counts.syncs == []
+
+
 def test_layers_are_wired_as_in_appendix_c():
     """x1 = e + LSTM(e); x2 = x1 + sigmoid(MoE(x1)); x3 = x2 + LSTM(x2) (dropout off in eval)."""
     decoder = build_decoder().eval()

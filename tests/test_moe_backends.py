@@ -163,8 +163,8 @@ def test_deep_experts_recompute_and_empty_experts(backend, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_more_than_1024_experts(backend, device, monkeypatch):
-    """1030 experts, some tokens sent past expert 1024: _grouped_mm gets at most 1024 groups per
-    call (the experts in chunks), results equal the loop's."""
+    """1030 experts, some tokens sent past expert 1024: _grouped_mm gets fewer than 1024 groups
+    per call (the experts in two chunks of 515), results equal the loop's."""
     calls = []
     original = torch._grouped_mm
 
@@ -184,10 +184,34 @@ def test_more_than_1024_experts(backend, device, monkeypatch):
     assert_steps_equal(ours, step(loop, x, None), FP32)
     assert ours[1].counts[1024:].sum() > 0 and ours[1].counts[:1024].sum() > 0
     if backend == "grouped_mm":
-        assert calls and max(calls) <= grouped_mm_module.MAX_GROUPS
-        assert 1030 - 1024 in calls  # the second chunk ran
+        assert calls == [515, 515] * (len(calls) // 2) and calls
+        assert max(calls) < grouped_mm_module.GROUP_LIMIT
     else:
         assert calls == []
+
+
+@pytest.mark.parametrize("num_experts", [1023, 1024, 1025, 2046, 2047, 4096])
+def test_grouped_mm_calls_stay_under_cutlass_group_limit(num_experts, monkeypatch):
+    """The bf16 route: whatever the device, no ``_grouped_mm`` call gets 1024 groups or more
+    (CUTLASS's grouped GEMM refuses them); the chunks cover every expert once, in order."""
+    from fairseq_smoe.ops.grouped_mm import GROUP_LIMIT, chunk_bounds, chunked_grouped_mm
+
+    bounds = chunk_bounds(num_experts)
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_experts
+    assert all(end == nxt for (_, end), (nxt, _) in zip(bounds, bounds[1:]))
+    assert max(end - first for first, end in bounds) < GROUP_LIMIT
+    calls = []
+
+    def watched(a, b, offs):
+        calls.append(b.shape[0])
+        return torch.zeros(a.shape[0], b.shape[2], dtype=a.dtype)
+
+    monkeypatch.setattr(grouped_mm_module, "_grouped_mm", watched)
+    x = torch.randn(16, 8, dtype=torch.bfloat16)
+    w = torch.zeros(num_experts, 8, 8, dtype=torch.bfloat16)
+    offs = torch.full((num_experts,), 16, dtype=torch.int32)
+    chunked_grouped_mm(x, w, offs, torch.ones(16, dtype=torch.bool))
+    assert calls and max(calls) < GROUP_LIMIT and sum(calls) == num_experts
 
 
 def _resident_step(layer, x, mask, dry_run=False):
@@ -208,25 +232,39 @@ def _resident_step(layer, x, mask, dry_run=False):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padded", [True, False], ids=["mask", "no_mask"])
 @pytest.mark.parametrize("gating", GATINGS)
 @pytest.mark.parametrize("kind", ["flat", "hierarchical"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_training_step_reads_nothing_back(backend, kind, gating, device):
-    """No Tensor.tolist/item/__int__/__bool__, no nonzero/bincount/_local_scalar_dense in forward +
-    backward; batchwise reads m (one number per level: the primary m, the groups' counts)."""
+def test_training_step_reads_nothing_back(backend, kind, gating, padded, device):
+    """No Tensor.tolist/item/__int__/__bool__, no nonzero/bincount/_local_scalar_dense, and no
+    tensor made from Python data (a host-to-device copy on CUDA) in forward + backward, for
+    every gating (batchwise included: its shapes come from the number of rows alone), with and
+    without a padding mask."""
     layer = build(kind, gating, backend, device=device)
     x = torch.randn(3, 7, 8, device=device, requires_grad=True)
-    mask = padding_for((3, 7), device)
+    mask = padding_for((3, 7), device) if padded else None
     _resident_step(layer, x, mask)  # first call: lazy imports, kernel compilation
-    reads = _resident_step(layer, x, mask).host_reads
-    if gating != "batchwise":
-        assert reads == []
-    else:
-        levels = 1 if kind == "flat" else 2
-        distinct = [r for r in reads if r in ("Tensor.__int__", "Tensor.tolist")]
-        assert len(distinct) == levels, reads
-    loop_reads = _resident_step(build(kind, gating, "loop", device=device), x, mask).host_reads
-    assert "Tensor.tolist" in loop_reads  # the loop reads its counts: the counter does see reads
+    counts = _resident_step(layer, x, mask)
+    assert counts.syncs == []
+    loop = _resident_step(build(kind, gating, "loop", device=device), x, mask)
+    assert "Tensor.tolist" in loop.host_reads  # the loop reads its counts: the counter sees reads
+    assert loop.host_copies  # and copies them back (ops/loop.py): the counter sees copies
+
+
+def test_counter_sees_host_copies_with_their_site():
+    """The copies the GPU audit found: a Python value written through a tensor index, and
+    ``torch.as_tensor``/``torch.tensor`` of Python data; a fill with a Python scalar is none."""
+    index = torch.tensor([1, 2])
+    with count_step() as counts:
+        flags = torch.zeros(4, dtype=torch.bool)
+        flags[index] = True
+        torch.as_tensor(5)
+        torch.tensor([1, 2])
+        torch.full((), 5) + 1
+    assert len(counts.host_copies) == 3, counts.host_copies
+    assert all("test_moe_backends.py:" in site for site in counts.host_copies)
+    assert counts.host_reads == []
 
 
 @pytest.mark.parametrize("device", DEVICES)

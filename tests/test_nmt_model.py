@@ -138,30 +138,61 @@ def test_bidirectional_layer_leaves_other_warnings_once_per_place():
     assert [str(w.message) for w in caught].count("smoe test: once per place") == 1
 
 
+@pytest.mark.parametrize("gating", ["noisy_top_k", "batchwise"])
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
-def test_training_step_adds_no_host_reads(backend):
-    """Encoder (left-padded sources, bidirectional first layer) and decoder with noisy top-k MoE
-    layers on a device-resident backend: a training step reads nothing back to the host."""
+def test_training_step_adds_no_host_syncs(backend, gating):
+    """Encoder (left-padded sources, bidirectional first layer) and decoder with MoE layers on a
+    device-resident backend: a training step reads nothing back to the host and makes no tensor
+    from Python data (a blocking host-to-device copy on CUDA), target padding or none."""
     from fairseq_smoe.ops.counting import count_step
 
     dictionary = make_dictionary()
-    model = build_model(dictionary=dictionary, moe_gating="noisy_top_k",
-                        moe_experts_backend=backend).train()
+    model = build_model(dictionary=dictionary, moe_gating=gating, moe_experts_backend=backend).train()
     src, lengths, prev = random_batch(dictionary)
-    prev[1, -2:] = dictionary.pad()
+    padded = prev.clone()
+    padded[1, -2:] = dictionary.pad()
 
-    def step():
+    def step(prev):
         logits, extra = model(src, lengths, prev)
         (logits.logsumexp(-1).mean() + sum(s.loss for s in extra["moe_stats"].values())).backward()
 
-    step()  # warm-up: lazy initialisation may read
-    with count_step() as counts:
-        step()
-    assert counts.host_reads == []
+    step(padded)  # warm-up: lazy initialisation may read
+    for batch in (padded, prev):
+        with count_step() as counts:
+            step(batch)
+        assert counts.syncs == []
     with count_step() as counts:  # the counter sees reads: the loop backend reads its counts
-        build_model(dictionary=dictionary, moe_gating="noisy_top_k",
+        build_model(dictionary=dictionary, moe_gating=gating,
                     moe_experts_backend="loop").train()(src, lengths, prev)
     assert counts.host_reads
+
+
+@pytest.mark.parametrize("gating", ["noisy_top_k", "batchwise"])
+def test_incremental_decoding_step_syncs(gating):
+    """One beam-search step of the decoder (incremental state, beams reordered) on a resident
+    backend: no sync with noisy top-k; batchwise gating's thresholds (App. F) make the number
+    of assignments data-dependent, which costs exactly one read per MoE layer and step (the
+    ``nonzero`` of its mask, docs/layer.md)."""
+    from fairseq_smoe.ops.counting import count_step
+
+    dictionary = make_dictionary()
+    model = build_model(dictionary=dictionary, moe_gating=gating, moe_experts_backend="grouped_mm").eval()
+    src, lengths, prev = random_batch(dictionary, batch=4)
+    with torch.no_grad():
+        encoder_out = model.encoder(src, lengths)
+        state = {}
+        model.decoder(prev[:, :1], encoder_out, incremental_state=state)  # warm-up
+        order = torch.tensor([1, 0, 3, 2])
+        model.decoder.reorder_incremental_state(state, order)
+        encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
+        with count_step() as counts:
+            model.decoder.reorder_incremental_state(state, order)
+            model.decoder(prev[:, :2], encoder_out, incremental_state=state)
+    assert counts.host_copies == []
+    if gating == "batchwise":
+        assert counts.host_reads == ["aten.nonzero"], counts.read_sites
+    else:
+        assert counts.host_reads == [], counts.read_sites
 
 
 def test_training_step_routes_every_expert_exactly_m_tokens_and_pads_never():

@@ -230,12 +230,29 @@ def batchwise_capacity(k: int, num_rows: int, num_experts: int) -> int:
     return min(num_rows, max(1, int(k * num_rows / num_experts + 0.5)))
 
 
-def batchwise_mask(probs_TE: torch.Tensor, m: int, valid_T: Optional[torch.Tensor] = None):
+def device_batchwise_capacity(k: int, num_rows, num_experts: int):
+    """``batchwise_capacity`` of row counts that may be a device tensor (|X| with padding,
+    |X^(i)| per group): the same rounding, elementwise on the device (an int stays an int)."""
+    if not isinstance(num_rows, torch.Tensor):
+        return batchwise_capacity(k, num_rows, num_experts)
+    rows = num_rows.long()
+    # round(k·|X|/n) with halves up, as int(x + 0.5) for x ≥ 0: ⌊(2k·|X| + n) / 2n⌋.
+    return torch.minimum(rows, ((2 * k * rows + num_experts) // (2 * num_experts)).clamp_min(1))
+
+
+def batchwise_mask(probs_TE: torch.Tensor, m: int, valid_T: Optional[torch.Tensor] = None,
+                   keep=None):
     """M_batchwise(X, m) (App. F, eq. 16): per expert (column), the m rows with the largest
-    G_σ. Returns (mask [T, E] bool, chosen rows [m, E])."""
+    G_σ. Returns (mask [T, E] bool, chosen rows [m, E]). ``keep`` (≤ m; an int or a 0-dim
+    device tensor) keeps only the first ``keep`` of each column's m ranks in the mask: the
+    rows stay listed, ranked, so the shapes do not depend on it."""
     scores_TE = probs_TE if valid_T is None else probs_TE.masked_fill(~valid_T[:, None], -1.0)
     rows_mE = scores_TE.topk(m, dim=0).indices
-    mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, rows_mE, True)
+    if keep is None:
+        kept_mE = torch.ones((), dtype=torch.bool, device=probs_TE.device).expand(rows_mE.shape)
+    else:
+        kept_mE = (torch.arange(m, device=probs_TE.device) < keep)[:, None].expand(rows_mE.shape)
+    mask_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(0, rows_mE, kept_mE)
     return mask_TE, rows_mE
 
 
@@ -309,13 +326,18 @@ class BatchwiseGate(nn.Module):
         num_rows = _num_real_rows(valid_T, T)
 
         if self.training:
-            m = batchwise_capacity(self.k, int(num_rows), E)  # the one host read (shapes need m)
-            mask_TE, rows_mE = batchwise_mask(probs_TE, m, valid_T)
+            # Shapes come from T alone: every expert ranks its best m_T = m(T) rows, and keeps
+            # the first m(|X|) ≤ m_T of them (m of the real rows, on the device), so nothing is
+            # read back. The ranks past m(|X|) go to the sentinel expert E (dropped).
+            m_T = batchwise_capacity(self.k, T, E)
+            m_1 = device_batchwise_capacity(self.k, num_rows, E)
+            mask_TE, rows_mE = batchwise_mask(probs_TE, m_T, valid_T, m_1)
             aux_loss = batchwise_threshold_loss(probs_TE, thresholds_E, mask_threshold_TE,
                                                 mask_TE, valid_T)
             # Column-major: the assignments come out already grouped by expert.
             row_A = rows_mE.t().reshape(-1)
-            expert_A = torch.arange(E, device=x_TD.device).repeat_interleave(m)
+            kept_A = (torch.arange(m_T, device=x_TD.device) < m_1).repeat(E)
+            expert_A = torch.where(kept_A, torch.arange(E, device=x_TD.device).repeat_interleave(m_T), E)
         else:
             mask_TE = mask_threshold_TE
             aux_loss = probs_TE.new_zeros(())
@@ -325,10 +347,12 @@ class BatchwiseGate(nn.Module):
         # A row with no expert has an all-zero numerator: its gates stay 0 (no NaN).
         gate_TE = masked_TE / masked_TE.sum(-1, keepdim=True).clamp_min(1e-30)
         counts_E = mask_TE.sum(0)
+        # Dropped assignments (expert E) read column 0 and get gate 0.
+        gate_A = gate_TE[row_A, expert_A.clamp_max(E - 1)] * (expert_A < E)
         return GateOutput(
             row_A=row_A,
             expert_A=expert_A,
-            gate_A=gate_TE[row_A, expert_A],
+            gate_A=gate_A,
             importance_E=gate_TE.sum(0),
             load_E=counts_E.float(),
             counts_E=counts_E,

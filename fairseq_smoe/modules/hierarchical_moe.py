@@ -61,8 +61,8 @@ class HierarchicalMoELayer(MoELayerBase):
         # index_add_ in backward instead of one full-size scatter per group).
         x_PD = backend.gather(x_TD, rows_P, self.workspace, "x_PD")
         rows_in_group_G = groups.counts_G
-        # The loop backend's counts are on the host already; batchwise gating reads them
-        # otherwise (one read per step: its m per group sizes the masks).
+        # The loop backend's counts are on the host already (its batchwise masks use them);
+        # on the resident backends they are None and batchwise gating sizes its masks from P.
         secondary = self.secondary_gates(backend, x_PD, groups, groups.counts)
         row_A, expert_A, gate_A, load_ab, aux_loss = secondary
 
@@ -71,9 +71,11 @@ class HierarchicalMoELayer(MoELayerBase):
         importance = _per_expert_sum(expert_A, gate_A, a * b).reshape(a, b)
         counts = _counts(expert_A, a * b).reshape(a, b)
         load = primary.load_E[:, None] * load_ab / rows_in_group_G.clamp_min(1)[:, None]
-        y_TO, row_S = self._experts_and_combine(backend, x_TD, rows_P[row_A], expert_A, gate_A)
+        row_A = rows_P.index_select(0, row_A)
+        y_TO, _ = self._experts_and_combine(backend, x_TD, row_A, expert_A, gate_A)
+        unrouted = count_unrouted(row_A, expert_A, a * b, valid_T, x_TD.shape[0])
         stats = self._stats(importance, load, counts, primary.aux_loss + aux_loss,
-                            primary.num_rows, count_unrouted(row_S, valid_T, x_TD.shape[0]))
+                            primary.num_rows, unrouted)
         return y_TO.reshape(*x.shape[:-1], self.output_dim), stats
 
     def extra_repr(self) -> str:

@@ -56,6 +56,15 @@ def check_k(name: str, k: int, num_experts: int, experts_name: str) -> None:
                          f"choose {name} <= {experts_name}")
 
 
+def _as_device_count(count, device) -> torch.Tensor:
+    """A row count as a 0-dim long tensor on ``device``. A Python int is written by a fill
+    kernel (its value travels as a kernel argument), not copied from the host as
+    ``torch.as_tensor(int, device=...)`` would: that copy waits for the device on CUDA."""
+    if isinstance(count, torch.Tensor):
+        return count.to(device=device, dtype=torch.long)
+    return torch.full((), count, dtype=torch.long, device=device)
+
+
 class MoELayerBase(nn.Module):
     """What flat and hierarchical layers share: input flattening, dispatch to the experts,
     and the balance statistics. ``self.experts`` may be swapped for an expert-parallel
@@ -133,7 +142,7 @@ class MoELayerBase(nn.Module):
             importance_loss=importance_loss.detach(),
             load_loss=load_loss.detach(),
             threshold_loss=aux_loss.detach(),
-            num_tokens=torch.as_tensor(num_tokens, device=importance.device),
+            num_tokens=_as_device_count(num_tokens, importance.device),
             unrouted=unrouted,
         )
 
@@ -174,11 +183,12 @@ class MoELayer(MoELayerBase):
         backend = self.experts_backend(x_TD)
         # G(x): sparse (row, expert, gate) assignments
         decision = self.gate(x_TD, valid_T, resident=backend.resident)
-        y_TO, row_S = self._experts_and_combine(backend, x_TD, decision.row_A, decision.expert_A,
-                                                decision.gate_A)
+        y_TO, _ = self._experts_and_combine(backend, x_TD, decision.row_A, decision.expert_A,
+                                            decision.gate_A)
+        unrouted = count_unrouted(decision.row_A, decision.expert_A, self.num_experts, valid_T,
+                                  x_TD.shape[0])
         stats = self._stats(decision.importance_E, decision.load_E, decision.counts_E,
-                            decision.aux_loss, decision.num_rows,
-                            count_unrouted(row_S, valid_T, x_TD.shape[0]))
+                            decision.aux_loss, decision.num_rows, unrouted)
         return y_TO.reshape(*x.shape[:-1], self.output_dim), stats
 
     def extra_repr(self) -> str:

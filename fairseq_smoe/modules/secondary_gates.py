@@ -26,6 +26,7 @@ from .gating import (
     batchwise_capacity,
     batchwise_threshold_terms,
     build_gate,
+    device_batchwise_capacity,
 )
 
 
@@ -153,10 +154,12 @@ class SecondaryGates(nn.Module):
         thresholds_PB = thresholds_GB.index_select(0, group_P.clamp_max(a - 1))
         mask_threshold_PB = (probs_PB > thresholds_PB) & real_P[:, None]
         counts_G = grouping.counts_G
+        kept_A = None
         if self.training:
-            if counts is None:
-                counts = counts_G.tolist()
-            mask_PB, row_A, j_A = self._batchwise_masks(probs_PB, group_P, counts_G, counts)
+            if counts is None:  # device-resident: fixed shapes, nothing read back
+                mask_PB, row_A, j_A, kept_A = self._batchwise_masks_resident(probs_PB, group_P, counts_G)
+            else:
+                mask_PB, row_A, j_A = self._batchwise_masks(probs_PB, group_P, counts_G, counts)
             terms_PB = batchwise_threshold_terms(probs_PB, thresholds_PB, mask_threshold_PB,
                                                  mask_PB) * real_P[:, None]
             per_group = torch.zeros(a + 1, dtype=terms_PB.dtype, device=device).index_add_(
@@ -172,7 +175,11 @@ class SecondaryGates(nn.Module):
         load_GB = torch.zeros(a + 1, b, dtype=probs_PB.dtype, device=device).index_add_(
             0, group_P, mask_PB.to(probs_PB.dtype))[:a]
         expert_A = group_P.index_select(0, row_A) * b + j_A
-        return SecondaryAssignments(row_A, expert_A, gate_PB[row_A, j_A], load_GB, aux_loss)
+        gate_A = gate_PB[row_A, j_A]
+        if kept_A is not None:  # the padded tail of the resident assignments is dropped
+            expert_A = torch.where(kept_A, expert_A, a * b)
+            gate_A = gate_A * kept_A
+        return SecondaryAssignments(row_A, expert_A, gate_A, load_GB, aux_loss)
 
     def _batchwise_masks(self, probs_PB, group_P, counts_G, counts: List[int]):
         """M_batchwise of every group (App. F, eq. 16) and its assignments (row, expert within
@@ -182,7 +189,7 @@ class SecondaryGates(nn.Module):
         # m_i = round(k·|X^(i)|/b), at least 1 and at most |X^(i)| (gating.batchwise_capacity),
         # on the host for the shapes and on the device for the masks.
         capacity = [batchwise_capacity(self.k, c, b) for c in counts]
-        m_G = torch.minimum(counts_G, ((2 * self.k * counts_G + b) // (2 * b)).clamp_min(1))
+        m_G = device_batchwise_capacity(self.k, counts_G, b)
         most_rows, most_m = max(counts, default=0), max(capacity, default=0)
         mask_PB = torch.zeros(P + 1, b, dtype=torch.bool, device=device)  # row P: a sink
         if most_m == 0:
@@ -209,6 +216,40 @@ class SecondaryGates(nn.Module):
         kept = torch.argsort((~kept_GMB).reshape(-1).to(torch.uint8), stable=True)[: b * sum(capacity)]
         row_A = row_GMB.reshape(-1).index_select(0, kept)
         return mask_PB[:P], row_A, expert_GMB.reshape(-1).index_select(0, kept)
+
+    def _batchwise_masks_resident(self, probs_PB, group_P, counts_G):
+        """M_batchwise of every group (App. F, eq. 16) from the device counts alone: every shape
+        is fixed by P, so nothing is read back. One segmented sort of the P·b (row, expert)
+        pairs: by score, then (stably) by segment (group i, expert j); a pair's rank in its
+        segment is its position less the segment's start, and it is kept when that rank is
+        below m_i. Returns (mask [P, b], row [A], expert within the group [A], kept [A]) with
+        A = min(P·b, k·P + a·b) ≥ Σ_i m_i·b (m_i ≤ k·|X^(i)|/b + 1): the kept pairs first,
+        ordered by group, expert and rank, then dropped padding."""
+        a, b, P = self.num_groups, self.experts_per_group, probs_PB.shape[0]
+        device = probs_PB.device
+        m_G = device_batchwise_capacity(self.k, counts_G, b)
+        pair_Q = torch.arange(P * b, device=device)  # pair q = row q // b, expert q % b
+        real_P = group_P < a
+        segment_Q = torch.where(real_P[:, None], group_P[:, None] * b + torch.arange(b, device=device),
+                                a * b).reshape(-1)  # a·b: the dropped tail, sorted last
+        by_score_Q = torch.argsort(probs_PB.reshape(-1), descending=True, stable=True)
+        order_Q = by_score_Q.index_select(0, torch.argsort(segment_Q.index_select(0, by_score_Q),
+                                                            stable=True))
+        segment_sorted_Q = segment_Q.index_select(0, order_Q)
+        # Segment (i, j) starts at b·start_i + j·|X^(i)| in that order.
+        start_G = torch.cumsum(counts_G, 0) - counts_G
+        segment_start_S = torch.cat([(b * start_G[:, None] + torch.arange(b, device=device)
+                                      * counts_G[:, None]).reshape(-1),
+                                     (b * counts_G.sum()).reshape(1)])
+        rank_Q = pair_Q - segment_start_S.index_select(0, segment_sorted_Q)
+        m_S = torch.cat([m_G.repeat_interleave(b, output_size=a * b), m_G.new_zeros(1)])
+        kept_Q = rank_Q < m_S.index_select(0, segment_sorted_Q)
+        mask_PB = torch.zeros(P * b, dtype=torch.bool, device=device).scatter_(
+            0, order_Q, kept_Q).reshape(P, b)
+        A = min(P * b, self.k * P + a * b)
+        first_A = torch.argsort((~kept_Q).to(torch.uint8), stable=True)[:A]
+        pair_A = order_Q.index_select(0, first_A)
+        return mask_PB, pair_A // b, pair_A % b, kept_Q.index_select(0, first_A)
 
     def extra_repr(self) -> str:
         return (f"gating={self.gating}, groups={self.num_groups}, "

@@ -32,10 +32,14 @@ def balance_losses(importance, load, w_importance: float, w_load: float):
     return w_importance * cv_squared(importance), w_load * cv_squared(load)
 
 
-def count_unrouted(row_S: torch.Tensor, valid_T, num_rows: int) -> torch.Tensor:
-    """Real rows that no kept assignment points at."""
-    routed_T = torch.zeros(num_rows, dtype=torch.bool, device=row_S.device)
-    routed_T[row_S] = True
+def count_unrouted(row_A: torch.Tensor, expert_A: torch.Tensor, num_experts: int, valid_T,
+                   num_rows: int) -> torch.Tensor:
+    """Real rows that no kept assignment points at (an assignment to the sentinel expert
+    ``num_experts`` is dropped). Fixed shapes and no Python value written through an index:
+    ``t[index] = True`` would copy that value to the device and wait for it on CUDA."""
+    kept_A = (expert_A < num_experts).to(torch.int32)
+    hits_T = torch.zeros(num_rows, dtype=torch.int32, device=row_A.device).index_add_(0, row_A, kept_A)
+    unrouted_T = hits_T == 0
     if valid_T is not None:
-        routed_T |= ~valid_T
-    return (~routed_T).sum()
+        unrouted_T &= valid_T
+    return unrouted_T.sum()

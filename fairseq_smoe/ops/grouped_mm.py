@@ -11,10 +11,13 @@ The ``where`` masks matter: the operator leaves rows past the last offset (the d
 unwritten, in forward and in the input gradient, so they are zeroed on both sides. The bias
 goes through ``_BiasRows``, whose backward sums the bias gradient in fp32.
 
-CUTLASS refuses more than 1024 groups, so layers with more experts run in chunks of at most
-``MAX_GROUPS`` experts. A chunk's rows start at a device-side offset; rather than reading it, the
-rows are rotated so the chunk starts at row 0 (an index_select), multiplied, and added back
-(index_add): memory traffic of one extra pass over the rows per chunk, no host read.
+CUTLASS's grouped GEMM (the bf16 path on compute capability 9.x/10.x) takes fewer than 1024
+groups per call ("Can't process more than 1024 groups" at 1024 itself), so a layer of
+``GROUP_LIMIT`` = 1024 experts or more runs in equal chunks of at most ``MAX_GROUPS`` = 1023
+(1024 experts: two chunks of 512). A chunk's rows start at a device-side offset; rather than
+reading it, the rows are rotated so the chunk starts at row 0 (an index_select), multiplied,
+and added back (index_add): memory traffic of one extra pass over the rows per chunk, no host
+read.
 
 Where it is the default (``auto``, see ops/__init__.py): CUDA, bf16 weights, compute capability
 9.x (not 10.x/12.x, where the operator has open correctness bugs), sizes that are multiples of
@@ -27,7 +30,8 @@ import torch
 
 from .resident import ResidentBackend
 
-MAX_GROUPS = 1024  # CUTLASS grouped GEMM's limit on groups per call
+GROUP_LIMIT = 1024  # CUTLASS grouped GEMM refuses this many groups per call, or more
+MAX_GROUPS = GROUP_LIMIT - 1  # the most groups one call is given
 
 
 def available() -> bool:
@@ -60,9 +64,16 @@ def _grouped_mm(x, w, offs):
     return torch._grouped_mm(x, w, offs=offs)  # looked up per call: tests may wrap it
 
 
+def chunk_bounds(num_groups: int):
+    """(first, end) of equal chunks of at most ``MAX_GROUPS`` groups covering ``num_groups``."""
+    chunks = -(-num_groups // MAX_GROUPS)
+    size = -(-num_groups // chunks)
+    return [(first, min(num_groups, first + size)) for first in range(0, num_groups, size)]
+
+
 def chunked_grouped_mm(x_SD: torch.Tensor, weight_GIO: torch.Tensor, offs_G: torch.Tensor,
                        valid_S: torch.Tensor) -> torch.Tensor:
-    """Σ over groups of rows × their weight, never more than ``MAX_GROUPS`` groups per call; rows
+    """Σ over groups of rows × their weight, fewer than ``GROUP_LIMIT`` groups per call; rows
     outside every group (``valid_S`` False) are 0 and pass no gradient."""
     S, G, N = x_SD.shape[0], weight_GIO.shape[0], weight_GIO.shape[2]
     valid_S1 = valid_S[:, None]
@@ -71,8 +82,7 @@ def chunked_grouped_mm(x_SD: torch.Tensor, weight_GIO: torch.Tensor, offs_G: tor
         return torch.where(valid_S1, _grouped_mm(x_SD, weight_GIO, offs_G), 0)
     rows_S = torch.arange(S, device=x_SD.device)
     y_SO = x_SD.new_zeros(S, N)
-    for first in range(0, G, MAX_GROUPS):
-        end = min(G, first + MAX_GROUPS)
+    for first, end in chunk_bounds(G):
         start = offs_G[first - 1].long() if first else offs_G.new_zeros((), dtype=torch.long)
         rotate_S = torch.remainder(rows_S + start, S)  # the chunk's rows first
         offs_C = offs_G[first:end] - start.to(offs_G.dtype)
