@@ -216,3 +216,60 @@ def test_workspace_pickles_empty(reuse_small_buffers):
     step(layer, torch.randn(64, 8), seed=0)
     assert layer.experts.workspace.nbytes() > 0
     assert pickle.loads(pickle.dumps(layer.experts.workspace)).nbytes() == 0
+
+
+def test_two_threads_never_take_the_same_buffer(reuse_small_buffers, monkeypatch):
+    """The check that a buffer is free and the taking of it are one step: a thread switch in
+    between (forced here by a pause inside the check) must not let both threads take it."""
+    import threading
+    import time
+
+    real_count = workspace_module._storage_use_count
+
+    def slow_count(cdata):
+        count = real_count(cdata)
+        time.sleep(0.05)  # the other thread runs here
+        return count
+
+    workspace = Workspace()
+    workspace.empty("x", (4,), torch.float32, torch.device("cpu"))  # a kept, free buffer
+    monkeypatch.setattr(workspace_module, "_storage_use_count", slow_count)
+    taken, start = [None, None], threading.Barrier(2)
+
+    def take(i):
+        start.wait()
+        taken[i] = workspace.empty("x", (4,), torch.float32, torch.device("cpu"))
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert taken[0].untyped_storage().data_ptr() != taken[1].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
+def test_one_layer_called_from_two_threads_gives_each_its_own_result(reuse_small_buffers, kind):
+    """Inference from two threads at once on one layer (eval, no_grad): every output equals the
+    layer's output for that input alone."""
+    import threading
+
+    layer = make_layer(kind).eval()
+    inputs = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with torch.no_grad():
+        expected = [layer(x)[0].clone() for x in inputs]
+    wrong = []
+
+    def serve(offset):
+        with torch.no_grad():
+            for round_ in range(15):
+                i = (offset + round_) % len(inputs)
+                if not torch.equal(layer(inputs[i])[0], expected[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []

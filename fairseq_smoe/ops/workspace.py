@@ -18,9 +18,14 @@ tensors, when disabled, or on a torch without the reference-count query, it is `
 
 Disable with ``SMOE_REUSE_BUFFERS=0`` in the environment or ``Workspace.enabled = False``.
 A workspace is not copied: ``copy.deepcopy`` and pickling give an empty one.
+
+Threads: one layer may be called from several Python threads at once (a server, a data-parallel
+wrapper). The check that nobody holds a buffer and the taking of it are one step under a lock,
+so two threads can never both see a buffer free and both write into it.
 """
 
 import os
+import threading
 from typing import Dict, Sequence
 
 import torch
@@ -29,6 +34,9 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 # Below this size the C allocator already recycles memory without new page faults.
 MIN_BYTES = 1 << 20
+# Held from the use-count check until the tensor over the storage exists (which raises the
+# count): one lock for every workspace, so nothing of it needs pickling.
+_TAKE_LOCK = threading.Lock()
 
 
 class Workspace:
@@ -47,14 +55,15 @@ class Workspace:
         if (not self.enabled or _storage_use_count is None or torch.device(device).type != "cpu"
                 or nbytes < MIN_BYTES):
             return torch.empty(shape, dtype=dtype, device=device)
-        storage = self._storages.get(name)
-        if storage is None or storage.nbytes() < nbytes or _storage_use_count(storage._cdata) > 1:
-            # Missing, too small, or still in use elsewhere: a new one (the old one lives on
-            # for as long as its other holders keep it).
-            storage = torch.UntypedStorage(nbytes, device=device)
-            self._storages[name] = storage
-        # A new tensor object over the storage (not a view): nothing here keeps it alive.
-        return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape)
+        with _TAKE_LOCK:
+            storage = self._storages.get(name)
+            if storage is None or storage.nbytes() < nbytes or _storage_use_count(storage._cdata) > 1:
+                # Missing, too small, or still in use elsewhere: a new one (the old one lives on
+                # for as long as its other holders keep it).
+                storage = torch.UntypedStorage(nbytes, device=device)
+                self._storages[name] = storage
+            # A new tensor object over the storage (not a view): nothing here keeps it alive.
+            return torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape)
 
     def nbytes(self) -> int:
         """Bytes held between steps."""
