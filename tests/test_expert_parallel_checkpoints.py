@@ -114,6 +114,24 @@ def test_missing_or_mismatched_shards_are_clear_errors(tmp_path):
         load_for_this_process(base, load, None)
 
 
+def test_shards_of_two_runs_at_the_same_progress_are_refused(tmp_path):
+    """Two trainings wrote one --save-dir: worker 0's file of one, worker 1's of the other,
+    same progress, other weights. The run id in the shard metadata tells them apart."""
+    def save(seed, rank, run_id):
+        torch.manual_seed(seed)
+        state = select_expert_shard(full_state(), dict(plan(rank, 2), run_id=run_id))
+        torch.save(state, shard_path(str(tmp_path / "checkpoint_last.pt"), rank))
+
+    save(1, 0, "aaaa")
+    save(2, 1, "bbbb")
+    for target in (None, plan(0, 2), plan(1, 2)):
+        with pytest.raises(ValueError, match="come from different trainings") as error:
+            load_for_this_process(str(tmp_path / "checkpoint_last.pt"), load, target)
+        assert "--save-dir" in str(error.value)
+    save(2, 0, "bbbb")  # both files of one run: loads
+    assert load_for_this_process(str(tmp_path / "checkpoint_last.pt"), load, None)["model"]
+
+
 def test_file_names():
     assert shard_path("d/checkpoint_best.pt", 0) == "d/checkpoint_best.pt"
     assert shard_path("d/checkpoint_best.pt", 3) == "d/checkpoint_best-expert-shard3.pt"

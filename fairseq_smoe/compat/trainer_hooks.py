@@ -15,6 +15,7 @@ so, only for models whose experts ``setup_expert_parallel`` sharded (otherwise n
 """
 
 import logging
+import uuid
 import weakref
 
 import torch
@@ -32,11 +33,18 @@ logger = logging.getLogger(__name__)
 
 _sharded_model = None  # weakref to the model whose experts this process holds a share of
 _group = None
+_run_id = None  # shared by the workers of this training: in every shard file's metadata
 
 
 def register_sharded_model(model, group) -> None:
-    global _sharded_model, _group
+    """Called on every worker when its experts are sharded: worker 0 draws the run id and
+    broadcasts it, so the W files of each save name the same training."""
+    global _sharded_model, _group, _run_id
     _sharded_model, _group = weakref.ref(model), group
+    token = [uuid.uuid4().hex[:16] if dist.get_rank(group) == 0 else None]
+    source = 0 if group is None else dist.get_global_rank(group, 0)
+    dist.broadcast_object_list(token, src=source, group=group)
+    _run_id = token[0]
 
 
 def _active_model():
@@ -53,7 +61,10 @@ def current_plan():
     model = _active_model()
     if model is None or not dist.is_initialized():
         return None
-    return expert_plan(model, dist.get_rank(_group), dist.get_world_size(_group))
+    plan = expert_plan(model, dist.get_rank(_group), dist.get_world_size(_group))
+    if plan is not None:
+        plan["run_id"] = _run_id
+    return plan
 
 
 def clip_grad_norm_with_sharded_experts(params, max_norm, aggregate_norm_fn=None) -> torch.Tensor:

@@ -5,7 +5,7 @@ r > 0 writes ``checkpoint_best-expert-shard{r}.pt`` next to it. Each file is tha
 trainer state (replicated parameters, its own experts, its optimizer state, the data iterator
 state) plus ``state["moe_expert_shards"]``, which names the expert tensors and their totals:
 
-    {"world_size": W, "rank": r,
+    {"world_size": W, "rank": r, "run_id": a token all W workers of one training share,
      "model_keys": {state-dict key: experts in total},
      "optimizer_slots": {optimizer state index: experts in total}}
 
@@ -21,7 +21,10 @@ Loading (``load_for_this_process``, hooked into fairseq's ``load_checkpoint_to_c
 
 Files of one checkpoint that come from different saves (a worker stopped during a save) or a
 missing shard stop every worker with an error that names the newest numbered checkpoint whose
-W files all exist and agree (``last_consistent_checkpoint``) and how to resume from it.
+W files all exist and agree (``last_consistent_checkpoint``) and how to resume from it. Files
+of two trainings (two runs writing one ``--save-dir``: same progress, other weights) differ in
+their run id and are refused the same way; files saved before run ids existed carry none and
+are compared by progress alone.
 """
 
 import logging
@@ -101,6 +104,14 @@ def _progress(state) -> tuple:
     return history[-1].get("num_updates"), itr.get("epoch"), itr.get("iterations_in_epoch")
 
 
+def _run_id(state) -> Optional[str]:
+    return ((state or {}).get(SHARD_META_KEY) or {}).get("run_id")
+
+
+def _same_save(state: dict, base_state: dict) -> bool:
+    return _progress(state) == _progress(base_state) and _run_id(state) == _run_id(base_state)
+
+
 def merge_expert_shards(states: List[dict], names: Optional[List[str]] = None) -> dict:
     """One full checkpoint from the W per-worker checkpoints of one save (in rank order)."""
     names = names or [f"shard {r}" for r in range(len(states))]
@@ -114,7 +125,7 @@ def merge_expert_shards(states: List[dict], names: Optional[List[str]] = None) -
         shard_meta = state.get(SHARD_META_KEY) or {}
         if shard_meta.get("rank") != rank or shard_meta.get("world_size") != world_size:
             raise ValueError(f"{name} is not worker {rank} of {world_size} of {names[0]}")
-        if _progress(state) != _progress(states[0]):
+        if not _same_save(state, states[0]):
             raise ValueError(_different_saves(name, names[0], state, states[0], world_size))
 
     full = dict(states[0])
@@ -218,13 +229,13 @@ def load_for_this_process(path: str, load_one: Callable[[str], dict],
                 other = shard_path(base, rank)
                 _require_file(other, base, saved_world)
                 peer = _peek(other)
-                if peer is not None and _progress(peer) != _progress(state):
+                if peer is not None and not _same_save(peer, state):
                     raise ValueError(_different_saves(other, base, peer, state, saved_world))
             return state
         own_path = shard_path(base, plan["rank"])
         _require_file(own_path, base, saved_world)
         own = load_one(own_path)
-        if _progress(own) != _progress(state):
+        if not _same_save(own, state):
             raise ValueError(_different_saves(own_path, base, own, state, saved_world))
         return own
 
@@ -272,7 +283,7 @@ def consistent_save(base: str, world_size: int) -> bool:
         if meta.get("rank") != rank or meta.get("world_size") != world_size:
             return False
         states.append(state)
-    return all(_progress(s) == _progress(states[0]) for s in states)
+    return all(_same_save(s, states[0]) for s in states)
 
 
 def last_consistent_checkpoint(directory: str, world_size: int, limit: int = 20) -> Optional[str]:
@@ -297,6 +308,11 @@ def _resume_hint(base: str, world_size: int) -> str:
 
 
 def _different_saves(name: str, base: str, state: dict, base_state: dict, world_size: int) -> str:
+    if _progress(state) == _progress(base_state):
+        return (f"{name} and {base} come from different trainings (run ids {_run_id(state)} and "
+                f"{_run_id(base_state)}, at the same progress {_progress(state)}), as when two runs "
+                f"write into one --save-dir; the {world_size} files of one checkpoint must come from "
+                f"one run. Give each run its own --save-dir. {_resume_hint(base, world_size)}")
     return (f"{name} and {base} come from different saves (updates/epoch/iteration "
             f"{_progress(state)} vs {_progress(base_state)}), as when a worker stopped during a "
             f"save; the {world_size} files of one checkpoint must be written together. "
