@@ -403,6 +403,60 @@ def test_typo_in_restore_file_stops_before_writing(trained, tmp_path):
     assert snapshot(run_dir) == before
 
 
+HOLD_LOCK = """
+import sys, time
+from fairseq_smoe.compat.save_dir_lock import lock_save_dir
+lock_save_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(save_dir):
+    """A separate process that takes the save-dir lock and keeps it until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(save_dir)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_save_dir_lock_refuses_a_second_process_and_ends_with_its_holder(tmp_path):
+    from fairseq_smoe.compat.save_dir_lock import lock_save_dir, release_all
+
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(ValueError, match=rf"in use by another training \(pid {holder.pid} on "):
+            lock_save_dir(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    try:  # the holder is gone: its leftover file does not block
+        assert lock_save_dir(str(tmp_path)) == str(tmp_path / ".smoe-train.lock")
+        assert f"pid {os.getpid()} " in (tmp_path / ".smoe-train.lock").read_text()
+    finally:
+        release_all()
+
+
+@pytest_slow
+def test_second_training_on_one_save_dir_stops_before_writing(trained, tmp_path):
+    data, run_dir = copy_run(trained, tmp_path)
+    holder = hold_lock(run_dir)
+    try:
+        before = snapshot(run_dir)
+        status, output = run("fairseq-train", data, "--save-dir", run_dir, *TRAIN_ARGS)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status == 2, output[-3000:]
+    lines = error_lines(output)
+    assert len(lines) == 1 and f"--save-dir {run_dir} is in use by another training (pid " \
+        f"{holder.pid} on " in lines[0] and "give this run its own --save-dir" in lines[0]
+    assert "Traceback" not in output and "num_updates" not in output
+    assert snapshot(run_dir) == before
+    status, output = run("fairseq-train", data, "--save-dir", run_dir, *TRAIN_ARGS)  # free again
+    assert status == 0, output[-3000:]
+
+
 # A fairseq-train worker that dies (SIGKILL) half-way through writing the file named by
 # $FAULT_KILL_WRITING, after waiting until worker 0 has written all files of that save (so the
 # outcome does not depend on timing).

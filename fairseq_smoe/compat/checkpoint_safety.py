@@ -440,6 +440,11 @@ def install() -> None:
 
     @functools.wraps(load_checkpoint)
     def checked_load_checkpoint(cfg, trainer, **passthrough_args):
+        if not getattr(cfg, "no_save", False) and getattr(trainer, "data_parallel_rank", 0) == 0 \
+                and path_manager.supports_rename(cfg.save_dir):  # a local directory
+            from .save_dir_lock import lock_save_dir
+
+            lock_save_dir(cfg.save_dir)
         check_restore_file(cfg, trainer.checkpoint_suffix, path_manager.isfile)
         try:
             loaded = load_checkpoint(cfg, trainer, **passthrough_args)
