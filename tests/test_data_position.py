@@ -31,3 +31,23 @@ def test_unknown_sizes_and_fresh_epochs_are_left_alone():
     assert continue_data_position({"model": {}}, 4, 2) == {"model": {}}
     assert saved_world_size({"model": {}}) is None
     assert position(continue_data_position(state(3), None, 2)) == 3
+
+
+def test_other_max_tokens_keeps_the_tokens_done():
+    from fairseq_smoe.distributed.data_position import rescale_for_batching
+
+    def cfg(max_tokens=256, batch_size=None, tokens_per_sample=64):
+        return {"dataset": {"max_tokens": max_tokens, "batch_size": batch_size,
+                            "required_batch_size_multiple": 8},
+                "task": {"tokens_per_sample": tokens_per_sample}}
+
+    assert rescale_for_batching(40, cfg(), cfg()) == (40, None)
+    assert rescale_for_batching(0, cfg(), cfg(1024)) == (0, None)
+    assert rescale_for_batching(40, None, cfg(1024)) == (40, None)  # unknown: nothing to say
+    position, message = rescale_for_batching(40, cfg(256), cfg(1024))
+    assert position == 10 and "--max-tokens 256 -> 1024" in message and "batch 10 instead of 40" in message
+    position, message = rescale_for_batching(10, cfg(1024), cfg(256))
+    assert position == 40
+    position, message = rescale_for_batching(40, cfg(256), cfg(256, tokens_per_sample=128))
+    assert position == 40 and "--tokens-per-sample 64 -> 128" in message
+    assert "Resume with --tokens-per-sample 64" in message and "--reset-dataloader" in message

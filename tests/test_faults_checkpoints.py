@@ -457,6 +457,17 @@ def test_second_training_on_one_save_dir_stops_before_writing(trained, tmp_path)
     assert status == 0, output[-3000:]
 
 
+@pytest_slow
+def test_resume_with_other_max_tokens_continues_after_the_same_tokens(corpus, tmp_path):  # noqa: F811
+    """Saved after 3 batches of 256 tokens; resumed with --max-tokens 1024, the epoch continues
+    at batch 1 (768 tokens done), not at batch 3 (which would skip 2,304 tokens), and says so."""
+    root, _ = corpus
+    train(root / "bin", tmp_path, ARCH, 3, "--max-tokens", 256)
+    output = train(root / "bin", tmp_path, ARCH, 4, "--max-tokens", 1024)
+    assert ("resuming with other batches (--max-tokens 256 -> 1024): the epoch continues at batch 1 "
+            "instead of 3, after about the same 768 tokens") in output
+
+
 # A fairseq-train worker that dies (SIGKILL) half-way through writing the file named by
 # $FAULT_KILL_WRITING, after waiting until worker 0 has written all files of that save (so the
 # outcome does not depend on timing).

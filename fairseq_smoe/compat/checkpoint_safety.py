@@ -403,6 +403,27 @@ class _AtomicCopyPathManager:
         return True
 
 
+def _continue_batching(loaded, path: str, trainer) -> None:
+    """A resume with other batch sizes than the saved run's: move the data position so the
+    tokens done stay the same, or warn (distributed.data_position.rescale_for_batching)."""
+    from ..distributed.data_position import rescale_for_batching
+
+    extra_state, epoch_itr = loaded
+    itr_state = (extra_state or {}).get("train_iterator")
+    if not isinstance(itr_state, dict) or not itr_state.get("iterations_in_epoch"):
+        return
+    from ..distributed.checkpoints import _peek, base_path
+
+    saved = _peek(base_path(path))
+    position, message = rescale_for_batching(itr_state["iterations_in_epoch"],
+                                             (saved or {}).get("cfg"), trainer.cfg)
+    if message is None:
+        return
+    logger.warning(message)
+    if position != itr_state["iterations_in_epoch"]:
+        epoch_itr.load_state_dict(dict(itr_state, iterations_in_epoch=min(position, len(epoch_itr))))
+
+
 def install() -> None:
     """Idempotent; called by ``compat.install_all`` (after checkpoint_compat)."""
     if not _enabled("SMOE_CHECKPOINT_SAFETY"):
@@ -446,6 +467,14 @@ def install() -> None:
 
             lock_save_dir(cfg.save_dir)
         check_restore_file(cfg, trainer.checkpoint_suffix, path_manager.isfile)
+        read_from = []
+        trainer_load = trainer.load_checkpoint
+
+        def noting_load(filename, *args, **kwargs):  # the file fairseq chose to resume from
+            read_from.append(filename)
+            return trainer_load(filename, *args, **kwargs)
+
+        trainer.load_checkpoint = noting_load
         try:
             loaded = load_checkpoint(cfg, trainer, **passthrough_args)
         except ValueError as error:
@@ -455,7 +484,11 @@ def install() -> None:
             # checkpoint from before the hierarchical layer stacked its secondary gates'
             # weights (the model converts on load; Adam's moments cannot).
             raise ValueError(OPTIMIZER_STATE_MISFITS) from None
+        finally:
+            del trainer.load_checkpoint  # the class's method again
         check_optimizer_state_fits(cfg, trainer.model)
+        if read_from and not getattr(cfg, "reset_dataloader", False):
+            _continue_batching(loaded, read_from[-1], trainer)
         return loaded
 
     checkpoint_utils.load_checkpoint = checked_load_checkpoint
