@@ -12,6 +12,7 @@
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -466,6 +467,36 @@ def test_resume_with_other_max_tokens_continues_after_the_same_tokens(corpus, tm
     output = train(root / "bin", tmp_path, ARCH, 4, "--max-tokens", 1024)
     assert ("resuming with other batches (--max-tokens 256 -> 1024): the epoch continues at batch 1 "
             "instead of 3, after about the same 768 tokens") in output
+
+
+@pytest_slow
+def test_configuration_that_lost_an_moe_option_is_mended_or_named(corpus, tmp_path):  # noqa: F811
+    """A model trained with --moe-k 1 whose saved configuration lost moe_k: the options recorded
+    beside it put k = 1 back (same perplexity as the intact file); a file without the record
+    loads with the architecture's k = 2 and says so, naming --model-overrides."""
+    root, _ = corpus
+    train(root / "bin", tmp_path, ARCH, 3, "--moe-k", 1)
+    path = tmp_path / "checkpoint_last.pt"
+
+    def perplexity(checkpoint):
+        status, output = run("fairseq-eval-lm", root / "bin", "--user-dir", "fairseq_smoe", "--path",
+                             checkpoint, "--cpu", "--tokens-per-sample", 32, "--max-tokens", 512)
+        assert status == 0, output[-3000:]
+        return float(re.findall(r"Perplexity: ([\d.]+)", output)[-1]), output
+
+    intact, _ = perplexity(path)
+    state = torch.load(path, weights_only=False)
+    assert state["smoe_moe_options"]["moe_k"] == 1
+    del state["cfg"]["model"].moe_k
+    del state["args"]
+    torch.save(state, tmp_path / "lost_k.pt")
+    mended, output = perplexity(tmp_path / "lost_k.pt")
+    assert mended == intact and "restored from the options recorded in the checkpoint (moe_k=1)" in output
+    del state["smoe_moe_options"]
+    torch.save(state, tmp_path / "lost_k_no_record.pt")
+    _, output = perplexity(tmp_path / "lost_k_no_record.pt")
+    assert "lacks moe_k and the checkpoint records no value" in output and "(moe_k=2)" in output
+    assert "--model-overrides" in output
 
 
 # A fairseq-train worker that dies (SIGKILL) half-way through writing the file named by

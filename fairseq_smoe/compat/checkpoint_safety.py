@@ -37,6 +37,7 @@ fairseq 0.12's ``checkpoint_utils``:
   -interactive): a missing file ends with one line instead of fairseq's IOError traceback.
 """
 
+import argparse
 import functools
 import logging
 import os
@@ -284,6 +285,91 @@ def _file_name(f) -> str:
     return os.fspath(name) if isinstance(name, (str, os.PathLike)) else "<checkpoint>"
 
 
+# ---------------------------------------------------------------------------------------------
+# The MoE options a checkpoint was trained with
+
+MOE_OPTIONS_KEY = "smoe_moe_options"
+_OUR_MODELS = ("lstm_moe_lm", "lstm_moe_nmt")
+
+
+def _model_cfg(state: dict):
+    """The model's options in a checkpoint (a dict or DictConfig; a Namespace in old files)."""
+    cfg = state.get("cfg")
+    if cfg is not None:
+        return _get(cfg, "model")
+    return state.get("args")
+
+
+def _get(config, key):
+    """``config[key]`` of a dict or DictConfig, ``config.key`` of a Namespace; None if absent."""
+    return config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+
+
+def _options(model_cfg) -> dict:
+    items = model_cfg.items() if hasattr(model_cfg, "items") else vars(model_cfg).items()
+    return {key: value for key, value in items if str(key).startswith("moe_")}
+
+
+def record_moe_options(state) -> None:
+    """Save the ``moe_*`` options beside the configuration: the weights cannot tell k, the
+    gating or the balance weights, so a configuration that loses one can be mended on load."""
+    model_cfg = _model_cfg(state) if isinstance(state, dict) else None
+    if model_cfg is not None:
+        options = _options(model_cfg)
+        if options:
+            state[MOE_OPTIONS_KEY] = options
+
+
+def _architecture_defaults(model_cfg) -> dict:
+    arch = _get(model_cfg, "arch")
+    try:
+        from fairseq.models import ARCH_CONFIG_REGISTRY
+
+        defaults = argparse.Namespace()
+        ARCH_CONFIG_REGISTRY[arch](defaults)
+        return _options(defaults)
+    except Exception:  # an unknown architecture: nothing to say about its defaults
+        return {}
+
+
+def restore_moe_options(state: dict, path: str) -> None:
+    """A checkpoint of our models whose configuration lacks ``moe_*`` options: put back the
+    recorded values; without a record, say which defaults the model will be built with."""
+    model_cfg = _model_cfg(state)
+    if model_cfg is None:
+        return
+    name = _get(model_cfg, "_name") or _get(model_cfg, "arch")
+    present = _options(model_cfg)
+    if not present and not str(name or "").startswith(_OUR_MODELS):
+        return
+    defaults = _architecture_defaults(model_cfg)
+    missing = sorted(set(defaults) - set(present)) if defaults else []
+    record = state.get(MOE_OPTIONS_KEY) or {}
+    restored = {key: record[key] for key in missing if key in record}
+    if restored:
+        from omegaconf import OmegaConf, open_dict
+
+        if OmegaConf.is_config(model_cfg):
+            with open_dict(model_cfg):
+                for key, value in restored.items():
+                    model_cfg[key] = value
+        elif hasattr(model_cfg, "__setitem__"):
+            model_cfg.update(restored)
+        else:
+            for key, value in restored.items():
+                setattr(model_cfg, key, value)
+        logger.warning(f"{path}: the configuration lacks {', '.join(restored)}; restored from the "
+                       f"options recorded in the checkpoint "
+                       f"({', '.join(f'{k}={v!r}' for k, v in restored.items())})")
+    assumed = [key for key in missing if key not in restored]
+    if assumed:
+        logger.warning(f"{path}: the configuration lacks {', '.join(assumed)} and the checkpoint "
+                       f"records no value: the model is built with the architecture's default "
+                       f"({', '.join(f'{k}={defaults[k]!r}' for k in assumed)}). If it was trained "
+                       f"otherwise, pass the trained values with --model-overrides, e.g. "
+                       f"--model-overrides \"{{'{assumed[0]}': ...}}\"")
+
+
 def _verified_load(load):
     """checkpoint_utils' ``torch.load``: one clear error for an unreadable file; checksum check."""
     @functools.wraps(load)
@@ -301,6 +387,8 @@ def _verified_load(load):
                 f"({type(error).__name__}{': ' + detail if detail else ''}). "
                 f"{_use_another(path)}") from None
         verify_and_strip(state, path)
+        if isinstance(state, dict):
+            restore_moe_options(state, path)
         return state
 
     verified_load._smoe_verified = True
@@ -439,6 +527,7 @@ def install() -> None:
 
     @functools.wraps(persistent_save)
     def torch_persistent_save(obj, filename, async_write: bool = False):
+        record_moe_options(obj)
         add_checksum(obj)
         if async_write or not path_manager.supports_rename(filename):
             return persistent_save(obj, filename, async_write=async_write)
