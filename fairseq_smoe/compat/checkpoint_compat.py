@@ -9,6 +9,12 @@ that the user names on the command line, i.e. trusted files, exactly as fairseq 
 We change only that module's view of ``torch``: its ``torch.load`` defaults to
 ``weights_only=False``; every other ``torch.load`` in the process keeps the safe default.
 Only load checkpoints you trust (pickle can run code), as with any fairseq checkpoint.
+
+The same goes for ``fairseq.distributed.utils``: on a data-parallel resume worker 0 reads the
+checkpoint and sends its state to the other workers as a pickle (``_broadcast_object_slow``),
+which they unpickle with ``torch.load``; under torch >= 2.6 that failed on the configuration's
+omegaconf objects ("Weights only load failed ... DictConfig") on every worker but 0. The bytes
+come from worker 0 of the same run.
 """
 
 import functools
@@ -40,6 +46,8 @@ class _TorchWithTrustedLoad(_TorchView):
 def install() -> None:
     """Idempotent; called by ``compat.install_all`` (``--user-dir fairseq_smoe``)."""
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
 
-    if not isinstance(checkpoint_utils.torch, _TorchWithTrustedLoad):
-        checkpoint_utils.torch = _TorchWithTrustedLoad()
+    for module in (checkpoint_utils, distributed_utils):
+        if not isinstance(module.torch, _TorchWithTrustedLoad):
+            module.torch = _TorchWithTrustedLoad()
