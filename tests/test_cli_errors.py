@@ -51,6 +51,17 @@ def test_configuration_errors_reach_the_user_from_every_worker(corpus, tmp_path,
     assert not (tmp_path / "checkpoint_last.pt").exists()
 
 
+@pytest.mark.parametrize("flag", ["--fp16", "--memory-efficient-fp16", "--amp"])
+def test_half_precision_training_on_cpu_is_one_line(corpus, tmp_path, flag):  # noqa: F811
+    result = fairseq_train(corpus, tmp_path, "--max-update", "1", flag)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    lines = [line for line in output.splitlines() if "fairseq-smoe: error:" in line]
+    assert len(lines) == 1 and "trains in half precision on a CUDA GPU" in lines[0], output[-3000:]
+    assert f"drop {flag}" in lines[0] or f"and {flag} to train in fp32" in lines[0]
+    assert "Traceback" not in output
+
+
 def test_error_of_a_spawned_worker_is_reported_by_its_message():
     child = ('Traceback (most recent call last):\n'
              '  File "/x/site-packages/torch/multiprocessing/spawn.py", line 90, in _wrap\n'

@@ -17,12 +17,31 @@ def check_precision_options(args) -> None:
     ``--tpu``, and the trainer then asks torch_xla for its device (an AttributeError without
     it). On a GPU the BF16_CUDA patch (``compat/bf16_cuda.py``) has cleared ``--tpu`` by now;
     what is left here is bf16 on CPU, or with that patch switched off."""
+    check_half_precision_on_cpu(args)
     if getattr(args, "bf16", False) and getattr(args, "tpu", True) \
             and importlib.util.find_spec("torch_xla") is None:
         raise ValueError("--bf16 (and --memory-efficient-bf16) in fairseq 0.12 means TPU training "
                          "and needs torch_xla, which is not installed; on CPU train in fp32; on a "
                          "GPU fairseq-smoe trains --bf16 in CUDA bf16 unless SMOE_PATCH_BF16_CUDA=0 "
                          "(or use --fp16 / --amp)")
+
+
+HALF_PRECISION_FLAGS = (("--fp16", "fp16"), ("--memory-efficient-fp16", "memory_efficient_fp16"),
+                        ("--amp", "amp"))
+
+
+def check_half_precision_on_cpu(args) -> None:
+    """fairseq's fp16 training (loss scaling, fp16 optimizer wrappers, autocast) is for CUDA: on
+    CPU it ended in an AssertionError deep in the optimizer, or trained in fp32 without a word.
+    Training only: the evaluation tools' --fp16 is fairseq's own business."""
+    import torch
+
+    flags = [flag for flag, name in HALF_PRECISION_FLAGS if getattr(args, name, False)]
+    on_cpu = getattr(args, "cpu", False) or not torch.cuda.is_available()
+    if flags and on_cpu and _program() not in EVALUATION_TOOLS:
+        raise ValueError(f"{' '.join(flags)} trains in half precision on a CUDA GPU, and this run "
+                         f"is on CPU; drop {' and '.join(flags)} to train in fp32 here (the "
+                         f"plugin's CPU kernels are fp32), or run on a GPU")
 
 
 def refuse_in_language_model_tools(model_name: str) -> None:
