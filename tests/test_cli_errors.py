@@ -62,6 +62,64 @@ def test_half_precision_training_on_cpu_is_one_line(corpus, tmp_path, flag):  # 
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--update-freq", "0"], "--update-freq must be a positive integer (batches per update); got 0"),
+    (["--adam-betas", "abc"], "--adam-betas must be two numbers in [0, 1), written like '(0.9, 0.98)'; "
+                              "got 'abc'"),
+    (["--max-tokens", "16"], "--max-tokens 16 is smaller than --tokens-per-sample 32: no batch can "
+                             "hold one sample"),
+])
+def test_options_fairseq_would_fail_on_deep_inside_are_one_line(corpus, tmp_path, extra, message):  # noqa: F811
+    result = fairseq_train(corpus, tmp_path, "--max-update", "1", *extra)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    lines = [line for line in output.splitlines() if "fairseq-smoe: error:" in line]
+    assert len(lines) == 1 and message in lines[0], output[-3000:]
+    assert "Traceback" not in output
+
+
+def _damaged_copy(corpus, tmp_path, fault):  # noqa: F811
+    import shutil
+
+    import numpy as np
+
+    folder = tmp_path / ("data:1" if fault == "colon" else "data")
+    shutil.copytree(corpus, folder)
+    if fault == "truncated":
+        with open(folder / "train.bin", "r+b") as f:
+            f.truncate(os.path.getsize(folder / "train.bin") // 2)
+    elif fault == "dictionary":  # the data of a larger vocabulary: a token id past this dict
+        lines = (folder / "dict.txt").read_text().splitlines()
+        (folder / "dict.txt").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    elif fault == "empty":
+        from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+        index = MMapIndexedDataset.Index(str(folder / "train.idx"))
+        dtype = index.dtype
+        del index
+        with MMapIndexedDataset.Index.writer(str(folder / "train.idx"), dtype) as writer:
+            writer.write([])
+        (folder / "train.bin").write_bytes(b"")
+        assert np.dtype(dtype).itemsize > 0
+    return folder
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncated", "train.bin is truncated ("),
+    ("dictionary", "but the dictionary has"),
+    ("empty", "is empty (0 sentences)"),
+    ("colon", "contains ':', which fairseq reads as a list of folders"),
+])
+def test_damaged_data_is_named_before_training(corpus, tmp_path, fault, message):  # noqa: F811
+    folder = _damaged_copy(corpus, tmp_path, fault)
+    result = fairseq_train(str(folder), tmp_path / "run", "--max-update", "1")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    lines = [line for line in output.splitlines() if "fairseq-smoe: error:" in line]
+    assert len(lines) == 1 and message in lines[0], output[-3000:]
+    assert "Traceback" not in output
+
+
 def test_error_of_a_spawned_worker_is_reported_by_its_message():
     child = ('Traceback (most recent call last):\n'
              '  File "/x/site-packages/torch/multiprocessing/spawn.py", line 90, in _wrap\n'

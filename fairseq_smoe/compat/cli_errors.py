@@ -75,10 +75,31 @@ def child_error_message(formatted_traceback: str):
     return last.group(2).strip()
 
 
+def _folder_with_path_separator(exc):
+    """The command-line folder whose name holds ':' behind fairseq's FileNotFoundError: fairseq
+    splits a data path at ':' (a list of folders, one per epoch) and opens the first part."""
+    missing = getattr(exc, "filename", None)
+    if not missing:
+        return None
+    for arg in sys.argv[1:]:
+        parts = arg.split(os.pathsep)
+        if len(parts) > 1 and os.path.isdir(arg) and any(
+                os.path.abspath(str(missing)).startswith(os.path.abspath(p) + os.sep) for p in parts):
+            return arg
+    return None
+
+
 def one_line(exc_type, exc, tb):
     """(message, exit status) when this exception gets one line instead of a traceback."""
     if issubclass(exc_type, _USER_ERRORS) and _raised_by_us(tb):
         return f"fairseq-smoe: error: {exc}\n{_TRACEBACK_HINT}", USAGE_STATUS
+    if issubclass(exc_type, FileNotFoundError) and _raised_by_fairseq(tb):
+        folder = _folder_with_path_separator(exc)
+        if folder is not None:
+            return (f"fairseq-smoe: error: the data folder {folder} contains {os.pathsep!r}, which "
+                    f"fairseq reads as a list of folders (one per epoch), so it looked for "
+                    f"{exc.filename}; move or link the data to a path without {os.pathsep!r}",
+                    USAGE_STATUS)
     if issubclass(exc_type, FloatingPointError) and _raised_by_fairseq(tb):
         return f"fairseq-smoe: error: {_DIVERGED_HINT.format(exc=str(exc).strip().rstrip('.'))}", 1
     if issubclass(exc_type, AssertionError) and "should not exceed max_tokens" in str(exc):

@@ -41,7 +41,12 @@ from ..distributed import setup_expert_parallel
 from ..modules.projected_lstm import ProjectedLSTM
 from ..modules.residual_moe import ResidualMoE
 from ..moe_args import add_moe_args, build_moe_layer, set_moe_defaults
-from .run_checks import check_precision_options, refuse_distributed_evaluation
+from .run_checks import (
+    check_data,
+    check_precision_options,
+    check_training_options,
+    refuse_distributed_evaluation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,8 @@ class LSTMMoELanguageModel(FairseqLanguageModel):
         max_target_positions = getattr(args, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS
         try:
             check_precision_options(args)
+            check_training_options(args)
+            check_data(args, task)
             refuse_distributed_evaluation()
             decoder = LSTMMoEDecoder.from_args(args, task.target_dictionary, max_target_positions)
         except ValueError as error:  # bad option combinations: say which flag to change

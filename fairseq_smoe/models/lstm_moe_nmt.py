@@ -45,7 +45,13 @@ from ..distributed import setup_expert_parallel
 from ..modules.attention import ATTENTION_TYPES, EncoderDecoderAttention
 from ..modules.residual_moe import ResidualMoE
 from ..moe_args import add_moe_args, build_moe_layer, set_moe_defaults
-from .run_checks import check_precision_options, refuse_distributed_evaluation, refuse_in_language_model_tools
+from .run_checks import (
+    check_data,
+    check_precision_options,
+    check_training_options,
+    refuse_distributed_evaluation,
+    refuse_in_language_model_tools,
+)
 
 DEFAULT_MAX_POSITIONS = 1024
 
@@ -338,6 +344,8 @@ class LSTMMoETranslationModel(FairseqEncoderDecoderModel):
         refuse_in_language_model_tools("lstm_moe_nmt")
         refuse_distributed_evaluation()
         check_precision_options(args)
+        check_training_options(args)
+        check_data(args, task)
         base_architecture(args)
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
         if args.share_all_embeddings:
