@@ -246,7 +246,14 @@ class Row:
 def measure(cfg: Config, tokens: int, dtype_name: str, device: torch.device, args, bandwidth: float) -> Row:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(args.seed)
-    moe, dense = build_layers(cfg, args.dim, args.hidden, args.gating, args.recompute, args.backend)
+    if device.type == "cuda":
+        # Initialise the weights on the GPU: MoE-1024-h has 1.07G expert parameters, whose CPU
+        # initialisation alone would take longer than the row's timed steps.
+        with device:
+            moe, dense = build_layers(cfg, args.dim, args.hidden, args.gating, args.recompute,
+                                      args.backend)
+    else:
+        moe, dense = build_layers(cfg, args.dim, args.hidden, args.gating, args.recompute, args.backend)
     moe.to(device=device, dtype=dtype).train()
     dense.to(device=device, dtype=dtype).train()
     x = torch.randn(tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
@@ -385,7 +392,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per layer first")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--json", metavar="FILE", help="also write all results as JSON to FILE ('-': stdout)")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write all results as JSON to FILE ('-': stdout); a file is rewritten "
+                        "after every row, with the rows that raised under 'failed' (the run goes on "
+                        "and exits 1 at the end)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run (< 1 min on 2 cores): moe-32 and moe-64-h (4 groups), 1024 tokens, "
                         "fp32 and bf16, 3 reps; options given explicitly still apply")
@@ -425,7 +435,15 @@ def main(argv=None) -> List[Row]:
           f"gating={args.gating}, reps={args.reps}", file=log)
 
     rows: List[Row] = []
+    failed: List[dict] = []  # rows that raised: their keys and the error, the others go on
     bandwidth = {}
+
+    def save(complete: bool):
+        # Rewritten after every row (atomically), so that a run stopped by a time limit or a
+        # crash keeps the rows it finished (scripts/gpu_check.sh gives each step a limit).
+        if args.json and not to_stdout:
+            write_json(args.json, info, args, bandwidth, rows, failed, complete)
+
     for device in devices:
         bandwidth[device.type] = copy_bandwidth(device)
         print(f"[benchmark] {device.type} copy bandwidth {bandwidth[device.type] / 1e9:.1f} GB/s "
@@ -434,9 +452,22 @@ def main(argv=None) -> List[Row]:
         for dtype_name in dtypes:
             for cfg in configs:
                 for tokens in token_sizes:
-                    row = measure(cfg, tokens, dtype_name, device, args, bandwidth[device.type])
-                    rows.append(row)
-                    print(format_row(row), file=log, flush=True)
+                    try:
+                        row = measure(cfg, tokens, dtype_name, device, args, bandwidth[device.type])
+                    except Exception as error:  # noqa: BLE001 - recorded, the next row runs
+                        message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+                        failed.append({"config": cfg.name, "tokens": tokens, "dtype": dtype_name,
+                                       "device": device.type, "error": message})
+                        print(f"{cfg.name:<11}{tokens:>7} {dtype_name:<5}{device.type:<5}FAILED: {message}",
+                              file=log, flush=True)
+                    else:
+                        rows.append(row)
+                        print(format_row(row), file=log, flush=True)
+                    if failed and device.type == "cuda":
+                        # After the except clause, which held the failed row's tensors through the
+                        # traceback: an out-of-memory row must not sink the next one.
+                        torch.cuda.empty_cache()
+                    save(complete=False)
     try:
         info["loadavg_end"] = os.getloadavg()
     except OSError:
@@ -452,19 +483,32 @@ def main(argv=None) -> List[Row]:
     for r in missed:
         print(f"[benchmark] {r.config} at {r.tokens} tokens: ratio {r.ratio:.3f} above the target "
               f"{r.target:.2f}", file=log)
-    if args.json:
-        result = {"machine": info, "args": vars(args),
-                  "bandwidth_GBps": {k: v / 1e9 for k, v in bandwidth.items()},
-                  "rows": [asdict(r) for r in rows]}
-        text = json.dumps(result, indent=1, default=lambda v: None if isinstance(v, float) and
-                          math.isnan(v) else str(v))
-        if to_stdout:
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-            print(f"[benchmark] wrote {args.json}", file=log)
+    if to_stdout:
+        print(json_text(info, args, bandwidth, rows, failed, complete=True))
+    elif args.json:
+        save(complete=True)
+        print(f"[benchmark] wrote {args.json}", file=log)
+    if failed:
+        raise SystemExit(f"[benchmark] {len(failed)} of {len(failed) + len(rows)} rows failed "
+                         f"(first: {failed[0]['config']} {failed[0]['dtype']}: {failed[0]['error']})")
     return rows
+
+
+def json_text(info, args, bandwidth, rows, failed, complete) -> str:
+    """The JSON result: "rows" as before, "failed" the rows that raised, "complete" false while
+    the run is still going (or was stopped)."""
+    result = {"machine": info, "args": vars(args),
+              "bandwidth_GBps": {k: v / 1e9 for k, v in bandwidth.items()},
+              "rows": [asdict(r) for r in rows], "failed": failed, "complete": complete}
+    return json.dumps(result, indent=1, default=lambda v: None if isinstance(v, float) and
+                      math.isnan(v) else str(v))
+
+
+def write_json(path, info, args, bandwidth, rows, failed, complete):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json_text(info, args, bandwidth, rows, failed, complete) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

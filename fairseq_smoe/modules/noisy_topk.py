@@ -22,6 +22,11 @@ against a dense reference).
 
 Noise (``gate_noise``) is one ``torch.randn`` on the device's generator, the same for every expert
 backend; ``torch.manual_seed`` makes it reproducible.
+
+Inside ``torch.compile`` the blocks, their ``out=`` writes, the reused buffers and the thread pool
+cannot be traced: there ``noisy_top_k`` runs ``_NoisyTopKTraced``, the same formulas and backward
+over all rows at once, which the compiler fuses (tests/test_compile.py holds it to the blocked
+Function and a compiled layer step to the eager one).
 """
 
 import math
@@ -43,6 +48,12 @@ _BLOCK_ELEMENTS = 1 << 18
 _SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default: linear above it
 
 
+def _compiling() -> bool:
+    """Inside a ``torch.compile`` trace (torch >= 2.3 can tell; older torch: never)."""
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
 def _empty(workspace: Optional[Workspace], name, shape, dtype, device) -> torch.Tensor:
     if workspace is None:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -55,6 +66,8 @@ def gate_noise(rows: int, num_experts: int, dtype: torch.dtype, device: torch.de
     generator (into a reused buffer on CPU), so every expert backend draws the same noise and no
     seed is read back to the host. On CPU it does not depend on the thread count (torch's CPU
     normal sampler is serial) and is as fast as the per-block generators it replaced."""
+    if _compiling():  # the same draw, into a fresh tensor: compiled graphs own their memory
+        return torch.randn((rows, num_experts), dtype=dtype, device=device)
     noise_TE = _empty(workspace, "noise", (rows, num_experts), dtype, torch.device(device))
     return torch.randn((rows, num_experts), dtype=dtype, device=device, out=noise_TE)
 
@@ -217,6 +230,68 @@ class _NoisyTopK(torch.autograd.Function):
         return grad_T2E, None, None, None, None, None, None, None, None, None
 
 
+class _NoisyTopKTraced(torch.autograd.Function):
+    """``_NoisyTopK`` for ``torch.compile``: the same formulas and hand-written backward over all
+    rows at once, each result a new tensor. The blocked Function above writes its blocks with
+    ``out=`` into slices of preallocated outputs (which dynamo rejects in backward, where the
+    slices are not contiguous), draws buffers from the workspace and runs blocks on the thread
+    pool, none of which a graph can hold; a compiler fuses the whole-row passes instead. The load
+    is summed per segment ``segment_T`` (None: one segment of all rows), shaped [G, E]."""
+
+    @staticmethod
+    def forward(ctx, logits_T2E, noise_TE, valid_T, segment_T, k, eps, num_segments):
+        E = noise_TE.shape[1]
+        clean, raw = logits_T2E[:, :E], logits_T2E[:, E:]
+        std_TE = F.softplus(raw) + eps  # eq. (4)
+        noisy = torch.addcmul(clean, noise_TE, std_TE)
+        # KeepTopK (eq. 5); the (k+1)-th value is the load estimator's other bar.
+        top_values_TK1, top_experts_TK1 = noisy.topk(k + 1, dim=1)
+        gate_TK = torch.softmax(top_values_TK1[:, :k], dim=1)
+        top_noise_TK1 = noise_TE.gather(1, top_experts_TK1)
+        z = _margin(clean, std_TE, top_values_TK1, top_experts_TK1, k)
+        prob = torch.erfc(z * -_INV_SQRT2) * 0.5  # Φ(z), eq. (9)
+        if valid_T is not None:
+            prob = prob * valid_T[:, None]
+        if segment_T is None:
+            load_GE = prob.sum(0, keepdim=True)  # eq. (10)
+        else:
+            load_GE = prob.new_zeros(num_segments + 1, E).index_add(0, segment_T, prob)[:num_segments]
+        ctx.save_for_backward(logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1,
+                              gate_TK, valid_T, segment_T)
+        ctx.k = k
+        expert_TK = top_experts_TK1[:, :k]
+        ctx.mark_non_differentiable(expert_TK)
+        return gate_TK, expert_TK, load_GE
+
+    @staticmethod
+    def backward(ctx, grad_gate_TK, _grad_expert, grad_load_GE):
+        (logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1, gate_TK,
+         valid_T, segment_T) = ctx.saved_tensors
+        k = ctx.k
+        E = std_TE.shape[1]
+        clean, raw = logits_T2E[:, :E], logits_T2E[:, E:]
+        grad_load_GE = grad_load_GE.to(logits_T2E.dtype)
+        if segment_T is not None:  # each row's segment's load gradient; dropped rows get 0
+            grad_load_GE = torch.cat([grad_load_GE, grad_load_GE.new_zeros(1, E)]).index_select(0, segment_T)
+        z = _margin(clean, std_TE, top_values_TK1, top_experts_TK1, k)
+        grad_z = torch.exp(z.square() * -0.5) * grad_load_GE * _INV_SQRT_2PI  # dP/dz = φ(z)
+        if valid_T is not None:
+            grad_z = grad_z * valid_T[:, None]
+        grad_clean = grad_z / std_TE
+        grad_std = -(z * grad_clean)
+        # d/dbar = −grad_clean: to the (k+1)-th value from the experts inside the top k, to the
+        # k-th from all the others (as in _NoisyTopK.backward).
+        grad_bar_inside = -grad_clean.gather(1, top_experts_TK1[:, :k]).sum(1)
+        grad_bar_outside = -grad_clean.sum(1) - grad_bar_inside
+        grad_kept = gate_TK * (grad_gate_TK - (grad_gate_TK * gate_TK).sum(1, keepdim=True))
+        grad_top = torch.cat([grad_kept[:, : k - 1], (grad_kept[:, k - 1] + grad_bar_outside)[:, None],
+                              grad_bar_inside[:, None]], dim=1)
+        grad_clean = grad_clean.scatter_add(1, top_experts_TK1, grad_top)
+        grad_std = grad_std.scatter_add(1, top_experts_TK1, grad_top * top_noise_TK1)
+        grad_raw = torch.ops.aten.softplus_backward(grad_std, raw, 1.0, _SOFTPLUS_THRESHOLD)
+        return torch.cat([grad_clean, grad_raw], dim=1), None, None, None, None, None, None
+
+
 def noisy_top_k(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optional[torch.Tensor],
                 k: int, noise_epsilon: float, workspace: Optional[Workspace] = None,
                 segment_rows: Optional[Sequence[int]] = None, single_pass: bool = False,
@@ -247,6 +322,16 @@ def noisy_top_k(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optio
                              f"{noise_TE.shape[0]} rows; got {list(segment_rows)}")
     if valid_T is not None:
         valid_T = valid_T.to(logits_T2E.dtype)
+    if _compiling():
+        if segment_rows is not None:
+            counts = torch.tensor(segment_rows, device=logits_T2E.device)
+            segment_T = torch.repeat_interleave(torch.arange(len(segment_rows), device=logits_T2E.device),
+                                                counts, output_size=noise_TE.shape[0])
+            num_segments = len(segment_rows)
+        gate_TK, expert_TK, load_GE = _NoisyTopKTraced.apply(
+            logits_T2E.contiguous(), noise_TE.to(logits_T2E.dtype).contiguous(), valid_T, segment_T, k,
+            noise_epsilon, num_segments)
+        return gate_TK, expert_TK, load_GE[0] if segment_T is None else load_GE
     gate_TK, expert_TK, load_GE = _NoisyTopK.apply(
         logits_T2E.contiguous(), noise_TE.to(logits_T2E.dtype).contiguous(), valid_T, k,
         noise_epsilon, workspace, segment_rows, single_pass, segment_T, num_segments)

@@ -132,8 +132,10 @@ class GroupedMMBackend(ResidentBackend):
     def grouped_matmul(self, x_SD, grouping, weight_GIO):
         # The gate projection, in fp32 (the caller casts). fp32 _grouped_mm on CUDA is a host
         # loop after offs.cpu(): there our fp32 Triton kernel runs it when triton is installed
-        # (without triton it stays the fp32 operator: correct, with that sync).
-        if x_SD.is_cuda and weight_GIO.dtype == torch.float32:
+        # (without triton it stays the fp32 operator: correct, with that sync). Inside
+        # torch.compile too, on any device: torch's fake _grouped_mm traces bf16 only.
+        compiling = hasattr(torch, "compiler") and torch.compiler.is_compiling()
+        if (x_SD.is_cuda or compiling) and weight_GIO.dtype == torch.float32:
             from . import triton_available
 
             if triton_available():
