@@ -499,6 +499,25 @@ def test_configuration_that_lost_an_moe_option_is_mended_or_named(corpus, tmp_pa
     assert "--model-overrides" in output
 
 
+@pytest_slow
+@pytest.mark.parametrize("override, allowed", [("{'moe_num_experts': 8}", False),
+                                               ("{'moe_gating': 'top_k'}", False),
+                                               ("{'moe_hidden_dim': 48}", True),  # as trained
+                                               ("{'moe_k': 1}", True)])
+def test_model_overrides_of_the_parameters_shape_are_one_line(trained, override, allowed):
+    data, run_dir = trained
+    status, output = run("fairseq-eval-lm", data, "--user-dir", "fairseq_smoe", "--path",
+                         run_dir / "checkpoint_last.pt", "--cpu", "--tokens-per-sample", 32,
+                         "--max-tokens", 512, "--model-overrides", override)
+    if allowed:
+        assert status == 0 and "Perplexity" in output, output[-3000:]
+        return
+    assert status == 2, output[-3000:]
+    lines = error_lines(output)
+    assert len(lines) == 1 and "--model-overrides cannot change moe_" in lines[0]
+    assert "can be overridden at inference: moe_k" in lines[0] and "Traceback" not in output
+
+
 # A fairseq-train worker that dies (SIGKILL) half-way through writing the file named by
 # $FAULT_KILL_WRITING, after waiting until worker 0 has written all files of that save (so the
 # outcome does not depend on timing).

@@ -370,6 +370,36 @@ def restore_moe_options(state: dict, path: str) -> None:
                        f"--model-overrides \"{{'{assumed[0]}': ...}}\"")
 
 
+# What --model-overrides may change: options of how the layer runs, not of its parameters.
+OVERRIDABLE_MOE_OPTIONS = ("moe_k", "moe_noise_epsilon", "moe_w_importance", "moe_w_load",
+                           "moe_experts_backend", "moe_recompute", "moe_expert_parallel")
+
+
+def check_model_overrides(arg_overrides, filenames) -> None:
+    """Refuse ``--model-overrides`` of ``moe_*`` options that shape the parameters (experts,
+    groups, hidden sizes, the gating's own weights): the checkpoint's weights would not load
+    (a load_state_dict traceback). The same value as trained is no change and passes."""
+    changing = sorted(key for key in (arg_overrides or {}) if str(key).startswith("moe_")
+                      and key not in OVERRIDABLE_MOE_OPTIONS)
+    if not changing:
+        return
+    from ..distributed.checkpoints import _peek
+
+    trained = {}
+    for path in filenames:
+        state = _peek(path) or {}
+        model_cfg = _model_cfg(state)
+        if model_cfg is not None:
+            trained = _options(model_cfg)
+            break
+    changed = [key for key in changing if key not in trained or trained[key] != arg_overrides[key]]
+    if changed:
+        said = ", ".join(f"{key} {trained.get(key, '?')!r} -> {arg_overrides[key]!r}" for key in changed)
+        raise ValueError(f"--model-overrides cannot change {', '.join(changed)} ({said}): it shapes the "
+                         f"model's parameters, which the checkpoint holds as trained. Options that "
+                         f"can be overridden at inference: {', '.join(OVERRIDABLE_MOE_OPTIONS)}")
+
+
 def _verified_load(load):
     """checkpoint_utils' ``torch.load``: one clear error for an unreadable file; checksum check."""
     @functools.wraps(load)
@@ -589,6 +619,7 @@ def install() -> None:
                               num_shards=1, state=None):
         if state is None and num_shards == 1:
             _check_model_paths(filenames, suffix, path_manager.exists)
+            check_model_overrides(arg_overrides, filenames)
         return load_ensemble(filenames, arg_overrides, task, strict, suffix, num_shards, state)
 
     checkpoint_utils.load_model_ensemble_and_task = checked_load_ensemble
