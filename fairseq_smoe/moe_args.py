@@ -76,10 +76,31 @@ def set_moe_defaults(args, num_experts=0, groups=0, k=4, hidden_dim=1024, expert
             setattr(args, name, value)
 
 
+_INTEGER_OPTIONS = ("moe_num_experts", "moe_groups", "moe_k", "moe_hidden_dim", "moe_expert_layers")
+_NUMBER_OPTIONS = ("moe_noise_epsilon", "moe_w_importance", "moe_w_load")
+
+
+def _check_option_types(args) -> None:
+    """Values of the wrong type (a hydra override ``+model.moe_k=two`` arrives as a string)."""
+    for name in _INTEGER_OPTIONS + _NUMBER_OPTIONS:
+        value = getattr(args, name, None)
+        integer = name in _INTEGER_OPTIONS
+        wanted = int if integer else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, wanted)):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} (model.{name}) must be {'an integer' if integer else 'a number'}; "
+                             f"got {value!r}")
+    gating = getattr(args, "moe_gating", None)
+    if gating is not None and gating not in GATING_MODES:
+        raise ValueError(f"--moe-gating (model.moe_gating) must be one of {', '.join(GATING_MODES)}; "
+                         f"got {gating!r}")
+
+
 def build_moe_layer(args, dim: int):
     """The MoE layer that ``args`` describe (dim → dim), or None if --moe-num-experts is 0.
 
     Raises ValueError with the flag to fix for impossible settings."""
+    _check_option_types(args)
     num_experts = args.moe_num_experts
     if num_experts is None or num_experts == 0:
         return None

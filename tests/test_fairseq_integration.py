@@ -110,3 +110,28 @@ def test_fairseq_hydra_train_runs_the_shipped_configs(corpus, tmp_path, config):
     assert "ignores their balance losses" not in out  # the configs use our criteria
     valid = [line for line in out.splitlines() if "valid on 'valid' subset" in line][-1]
     assert "moe_cv_imp" in valid and stat(valid, "num_updates") == 3
+
+
+@pytest.mark.parametrize("override, status, expect", [
+    ("model.moe_k=1", 0, "done training"),  # the documented form: the key is in the config
+    ("model.moe_k=two", 2, "fairseq-smoe: error: lstm_moe_lm: --moe-k (model.moe_k) must be an integer; "
+                           "got 'two'"),
+    ("model.moe_num_experts=3", 0, "done training"),
+    ("model.moe_k=9", 2, "fairseq-smoe: error: lstm_moe_lm: --moe-k 9 is larger than --moe-num-experts 4"),
+])
+def test_fairseq_hydra_train_overrides_and_errors(corpus, tmp_path, override, status, expect):  # noqa: F811
+    """model.moe_* overrides of the shipped LM config; a plugin configuration error is one line
+    with exit status 2 under hydra too (hydra caught it and printed a traceback, exit 1)."""
+    directory, name = os.path.split(os.path.join(ROOT, "examples", "language_model/config/wikitext2_demo"))
+    result = subprocess.run(
+        [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", directory, "--config-name", name,
+         f"task.data={corpus[0] / 'bin'}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+         "optimization.max_update=1", "dataset.validate_interval_updates=1",
+         f"common.user_dir={os.path.join(ROOT, 'fairseq_smoe')}", "model._name=lstm_moe_lm_tiny",
+         override],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    out = result.stdout + result.stderr
+    assert result.returncode == status and expect in out, out[-3000:]
+    if status:
+        assert "Traceback" not in out

@@ -132,7 +132,14 @@ def _hook(previous):
 
 
 def install() -> None:
-    """Only in fairseq's command-line tools; a Python program keeps its own exception handling."""
+    """Only in fairseq's command-line tools; a Python program keeps its own exception handling.
+
+    fairseq-hydra-train runs under hydra, which catches every exception of the run itself,
+    prints it with a shortened traceback and exits 1: our errors never reached the hook. With
+    HYDRA_FULL_ERROR set hydra re-raises instead, so they do (it is read when the error comes,
+    and this runs before the model is built). Other errors then print hydra's full traceback."""
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if program.startswith("fairseq-") and not getattr(sys.excepthook, "_smoe", False):
         sys.excepthook = _hook(sys.excepthook)
+    if program == "fairseq-hydra-train":
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
