@@ -176,7 +176,7 @@ def test_diverged_training_ends_with_one_line_after_fairseqs_report(corpus, tmp_
     assert "Traceback" not in output and "not subscriptable" not in output
     last = output.strip().splitlines()[-1]
     assert last.startswith("fairseq-smoe: error: training diverged: gradients are Nan/Inf")
-    assert "--lr" in last and "--clip-norm" in last
+    assert "--lr" in last and "--clip-norm" in last and "--adam-eps above 0" in last
 
 
 @pytest.fixture(scope="module")

@@ -309,7 +309,9 @@ def error_lines(output):
 
 
 def snapshot(folder):
-    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+    """The files of a save directory, the run's lock (rewritten by each run that starts) aside."""
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()
+            if p.name != ".smoe-train.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +341,7 @@ TRAIN_ARGS = ["--user-dir", "fairseq_smoe", "--task", "language_modeling", "--ar
 @pytest_slow
 def test_saved_files_carry_a_checksum(trained):
     _, save_dir = trained
-    names = sorted(p.name for p in save_dir.iterdir())
+    names = sorted(p.name for p in save_dir.iterdir() if p.name != ".smoe-train.lock")
     assert names == ["checkpoint_1_3.pt", "checkpoint_1_6.pt", "checkpoint_best.pt",
                      "checkpoint_last.pt"]  # no temp file left behind
     for name in names:
@@ -657,3 +659,45 @@ def test_optimizer_state_of_a_converted_model_is_refused_without_reset():
     with pytest.raises(ValueError, match="--reset-optimizer"):
         checkpoint_safety.check_optimizer_state_fits(SimpleNamespace(reset_optimizer=False), layer)
     checkpoint_safety.check_optimizer_state_fits(SimpleNamespace(reset_optimizer=True), layer)
+
+
+def test_a_save_folder_that_refuses_writes_or_room_is_one_line(tmp_path, monkeypatch):
+    """Read-only or full --save-dir (and --tensorboard-logdir) before training; a save that
+    meets a full disk names the folder and its free space, and leaves the previous file whole.
+    (Faked here: the machine running the tests as root writes anywhere.)"""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from fairseq_smoe.compat.checkpoint_safety import atomic_write, check_save_dir, check_writable
+
+    real_open = open
+
+    def read_only(path, *args, **kwargs):
+        if ".smoe-write-test-" in str(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(ValueError, match=r"--tensorboard-logdir .*: cannot write there \(Read-only file"):
+        check_writable(str(tmp_path / "tb"), "--tensorboard-logdir")
+    monkeypatch.setattr("builtins.open", real_open)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(ValueError, match=r"has 0.00 GiB free, and one checkpoint of this model needs "
+                                         r"about 1.00 GiB"):
+        check_save_dir(str(tmp_path), 1 << 30)
+    check_save_dir(str(tmp_path), 1 << 10)  # room enough
+    target = tmp_path / "checkpoint_last.pt"
+    target.write_bytes(b"previous save")
+
+    def fill_disk(f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: "
+                           "file write failed")
+
+    with pytest.raises(ValueError, match=r"cannot write in .* \(No space left on device; 0.00 GiB free "
+                                         r"there\): checkpoint_last.pt was not written"):
+        atomic_write(str(target), fill_disk)
+    assert target.read_bytes() == b"previous save"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pt", "tb"]  # no partial file left

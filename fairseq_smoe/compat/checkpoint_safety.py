@@ -38,6 +38,7 @@ fairseq 0.12's ``checkpoint_utils``:
 """
 
 import argparse
+import errno
 import functools
 import logging
 import os
@@ -110,6 +111,56 @@ def _remove_stale_temps(path: str) -> None:
             pass
 
 
+_WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_NEARLY_FULL = 16 << 20
+
+
+def free_bytes(directory: str) -> Optional[int]:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def cannot_write(directory: str, error: OSError, what: str) -> str:
+    """The one line for a checkpoint folder that refuses a write (full, read-only, no rights)."""
+    free = free_bytes(directory)
+    space = f"; {free / 2**30:.2f} GiB free there" if free is not None else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there or give --save-dir on a disk with room"
+    else:
+        fix = "give --save-dir a folder this process may write"
+    return f"cannot write in {directory} ({os.strerror(error.errno)}{space}): {what}; {fix}"
+
+
+def check_writable(directory: str, option: str) -> None:
+    """``directory`` exists or can be made, and this process can write in it (a probe file)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".smoe-write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.remove(probe)
+    except OSError as error:
+        if error.errno in _WRITE_FAULTS + (errno.ENOTDIR, errno.EEXIST):
+            raise ValueError(f"{option} {directory}: cannot write there "
+                             f"({os.strerror(error.errno)}); nothing was trained or written. Give "
+                             f"{option} a folder this process may write") from None
+        raise
+
+
+def check_save_dir(save_dir: str, needed: int) -> None:
+    """Before training: the save folder can be written and has room for about one checkpoint
+    (``needed`` bytes; a save writes a temporary file before it replaces the old one)."""
+    check_writable(save_dir, "--save-dir")
+    free = free_bytes(save_dir)
+    if free is not None and free < needed:
+        raise ValueError(f"--save-dir {save_dir} has {free / 2**30:.2f} GiB free, and one checkpoint "
+                         f"of this model needs about {needed / 2**30:.2f} GiB (weights and optimizer "
+                         f"state); nothing was trained or written. Free some space or give --save-dir "
+                         f"on a disk with room (or --no-save)")
+
+
 def atomic_write(path: str, write: Callable) -> None:
     """``write(file)`` fills ``path`` as it appears all at once: temp name, fsync, rename."""
     path = os.path.abspath(path)
@@ -121,11 +172,21 @@ def atomic_write(path: str, write: Callable) -> None:
             if _enabled("SMOE_CHECKPOINT_FSYNC"):
                 os.fsync(f.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
+        # torch.save reports a full disk as a RuntimeError ("file write failed"): judged by the
+        # space left while the partial file still holds it.
+        full = isinstance(error, RuntimeError) and "write" in str(error) \
+            and (free_bytes(os.path.dirname(path)) or 0) < _NEARLY_FULL
         try:
             os.remove(temp)
         except OSError:
             pass
+        if full:
+            error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if isinstance(error, OSError) and error.errno in _WRITE_FAULTS:
+            raise ValueError(cannot_write(os.path.dirname(path), error,
+                                          f"{os.path.basename(path)} was not written (the file "
+                                          f"there, if any, is the previous save, whole)")) from None
         raise
     if _enabled("SMOE_CHECKPOINT_FSYNC"):
         _fsync_directory(os.path.dirname(path))
@@ -580,12 +641,17 @@ def install() -> None:
 
     @functools.wraps(load_checkpoint)
     def checked_load_checkpoint(cfg, trainer, **passthrough_args):
+        check_restore_file(cfg, trainer.checkpoint_suffix, path_manager.isfile)
         if not getattr(cfg, "no_save", False) and getattr(trainer, "data_parallel_rank", 0) == 0 \
                 and path_manager.supports_rename(cfg.save_dir):  # a local directory
             from .save_dir_lock import lock_save_dir
 
+            # weights + two Adam moments in fp32, each parameter once (a sharded worker's share)
+            check_save_dir(cfg.save_dir, 12 * sum(p.numel() for p in trainer.model.parameters()))
             lock_save_dir(cfg.save_dir)
-        check_restore_file(cfg, trainer.checkpoint_suffix, path_manager.isfile)
+        logdir = getattr(getattr(trainer.cfg, "common", None), "tensorboard_logdir", None)
+        if logdir and getattr(trainer, "data_parallel_rank", 0) == 0:
+            check_writable(logdir, "--tensorboard-logdir")
         read_from = []
         trainer_load = trainer.load_checkpoint
 

@@ -39,6 +39,8 @@ _TRACEBACK_HINT = "(set SMOE_TRACEBACK=1 to see where it was raised)"
 _DIVERGED_HINT = ("training diverged: {exc}. The log above names the first module with a "
                   "NaN/Inf (fairseq's NanDetector). Lower --lr, add --clip-norm (e.g. 0.1) or a "
                   "warm-up (--warmup-updates), keep --moe-w-importance/--moe-w-load small (0.01-0.1), "
+                  "keep --adam-eps above 0 (with 0, Adam divides by zero where a gradient's moments "
+                  "are 0, e.g. an expert that got no token; fairseq's default is 1e-8), "
                   "and resume from the last good checkpoint (--restore-file checkpoint_N_M.pt).")
 _TOO_LONG_HINT = ("{exc} (fairseq's batching): a sample is longer than --max-tokens. Raise "
                   "--max-tokens, or lower --tokens-per-sample (fairseq-eval-lm's default is 1024) "
