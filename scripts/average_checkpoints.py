@@ -10,8 +10,10 @@ inference (fairseq-generate, -eval-lm, -validate, -interactive: --path AVG.pt); 
     # the last 5 epoch checkpoints
     python scripts/average_checkpoints.py checkpoints/checkpoint{6,7,8,9,10}.pt -o average.pt
 
-Inputs must hold the same tensors (names, shapes, dtypes); non-float tensors (step counters)
-must be equal. Expert-parallel files are refused: merge each with scripts/reshard_experts.py
+Inputs must hold the same tensors (names, shapes, dtypes) and come from the same
+architecture and moe_* options (--moe-k, --moe-gating, ...; the runtime-only
+--moe-experts-backend, --moe-recompute and --moe-expert-parallel may differ); non-float tensors
+(step counters) must be equal. Expert-parallel files are refused: merge each with scripts/reshard_experts.py
 first. Each input's checksum is verified, the output gets its own and is written atomically.
 Existing outputs are refused unless --force is given; an input is never overwritten. Errors are
 one line ("average_checkpoints.py: error: ...") with exit status 2.
@@ -25,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fairseq_smoe.compat.checkpoint_safety import MOE_OPTIONS_KEY  # noqa: E402
 from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY  # noqa: E402
 from fairseq_smoe.tools.checkpoint_files import (  # noqa: E402
     Refused,
@@ -34,6 +37,47 @@ from fairseq_smoe.tools.checkpoint_files import (  # noqa: E402
     output_files,
     write_all,
 )
+
+# Options that change how the model runs, not what it computes: one run may be resumed with
+# another value, and its checkpoints still average.
+RUNTIME_OPTIONS = ("moe_experts_backend", "moe_recompute", "moe_expert_parallel")
+
+
+def _get(config, key):
+    """``config[key]`` of a dict or DictConfig, ``config.key`` of a Namespace; None if absent."""
+    if config is None:
+        return None
+    return config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+
+
+def model_options(state: dict) -> dict:
+    """The architecture and the ``moe_*`` options a checkpoint was trained with: from its
+    configuration (cfg["model"], a Namespace for these models, or state["args"] in older files),
+    completed by the options recorded beside it (``smoe_moe_options``)."""
+    config = _get(state.get("cfg"), "model")
+    if config is None:
+        config = state.get("args")
+    items = {}
+    if config is not None:
+        items = dict(config.items()) if hasattr(config, "items") else dict(vars(config))
+    options = {key: value for key, value in items.items()
+               if str(key).startswith("moe_") and key not in RUNTIME_OPTIONS}
+    for key, value in (state.get(MOE_OPTIONS_KEY) or {}).items():
+        if key not in RUNTIME_OPTIONS:
+            options.setdefault(key, value)
+    arch = items.get("arch") or items.get("_name")
+    if arch is not None:
+        options["arch"] = arch
+    return options
+
+
+def check_same_options(first: dict, other: dict, first_path: str, other_path: str) -> None:
+    for key in sorted(first.keys() & other.keys()):  # an option one file lacks is not compared
+        if first[key] != other[key]:
+            flag = "--arch" if key == "arch" else "--" + key.replace("_", "-")
+            raise Refused(f"{other_path} was trained with {flag} {other[key]} but {first_path} with "
+                          f"{flag} {first[key]}: these are different models; average checkpoints "
+                          f"of one run")
 
 
 def check_same_tensors(first: dict, other: dict, first_path: str, other_path: str) -> None:
@@ -64,7 +108,7 @@ def average(inputs: list, output: str, force: bool = False) -> dict:
     outputs = output_files(output, 1)
     check_not_an_input(outputs, inputs)
     check_writable(outputs, force)
-    sums, first_model, state = None, None, None
+    sums, first_model, first_options, state = None, None, None, None
     for path in inputs:
         state = load_file(path, "average_checkpoints")
         if state.get(SHARD_META_KEY) is not None:
@@ -72,10 +116,12 @@ def average(inputs: list, output: str, force: bool = False) -> dict:
                           f"it first: python scripts/reshard_experts.py {path} -o MERGED.pt")
         model = state["model"]
         if sums is None:
+            first_options = model_options(state)
             first_model = {name: tensor for name, tensor in model.items()}
             sums = {name: tensor.to(torch.float64) for name, tensor in model.items()
                     if tensor.is_floating_point()}
             continue
+        check_same_options(first_options, model_options(state), inputs[0], path)
         check_same_tensors(first_model, model, inputs[0], path)
         for name in sums:
             sums[name] += model[name].to(torch.float64)

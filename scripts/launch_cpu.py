@@ -25,10 +25,11 @@ worker's status, 128 + the signal that killed it, or 124 for a stopped or silent
 SIGINT/SIGTERM/SIGHUP to the launcher stop all workers (a second one kills them at once);
 SIGTSTP (Ctrl-Z) pauses them with it until it is continued (fg). On Linux the workers also
 die when the launcher itself is killed, even with SIGKILL.
-Exit status 2: bad arguments; 127/126: the command cannot be run.
+Exit status 2: bad arguments (a --port in use included); 127/126: the command cannot be run.
 """
 
 import argparse
+import errno
 import os
 import signal
 import socket
@@ -46,6 +47,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_problem(port):
+    """Why the rendezvous port cannot be used (None when it can): worker 0 listens on it, and a
+    port that is taken fails only there, as an EADDRINUSE traceback after the workers started."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: TIME_WAIT is fine
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return f"port {port} is in use (by another run or program)"
+            return f"cannot use port {port} ({error.strerror})"
+    return None
 
 
 def parse_args(argv):
@@ -317,6 +332,10 @@ def stop_all(procs, sig, grace):
 def main(argv=None) -> int:
     args, command = parse_args(sys.argv[1:] if argv is None else argv)
     world_size = args.workers
+    problem = port_problem(args.port) if args.port else None
+    if problem:
+        log(f"error: {problem}; give another --port or leave it out to pick a free one")
+        return 2
     port = args.port or free_port()
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -37,12 +37,34 @@ lm_cat() {
   esac
 }
 
+# lm_readable SRC: SRC decompresses (or reads) whole, writing nothing: tells a damaged input from
+# a failed write after an extraction failed.
+lm_readable() {
+  case "$1" in
+    *.xz) xz -t -- "$1" 2>/dev/null ;;
+    *.gz) gzip -t -- "$1" 2>/dev/null ;;
+    *) cat -- "$1" > /dev/null 2>&1 ;;
+  esac
+}
+
+# lm_write_failed FILE ERROR: stop with one line naming FILE's folder and its free space (df).
+lm_write_failed() {
+  local dir free
+  dir="$(dirname -- "$1")"
+  free="$(df -Ph -- "$dir" 2>/dev/null | awk 'NR == 2 {print $4}')"
+  lm_die "cannot write $1 (${2:-write error}): $dir has ${free:-?} free (df -h $dir); free some space or give --out a folder on a disk with room, then run again"
+}
+
 # lm_extract_checked SRC DEST LINES SHA256: decompress SRC to DEST and check it ("-" skips a check).
 lm_extract_checked() {
-  local src="$1" dest="$2" want_lines="$3" want_sha="$4"
+  local src="$1" dest="$2" want_lines="$3" want_sha="$4" err
   lm_say "reading $src"
-  if ! lm_cat "$src" > "$dest.tmp"; then
+  if ! err="$(lm_cat "$src" 2>&1 > "$dest.tmp")"; then
     rm -f "$dest.tmp"
+    if lm_readable "$src"; then  # the input is whole: the write failed (a full disk, ...)
+      lm_write_failed "$dest.tmp" "$(printf '%s' "$err" | tail -n 1)"
+    fi
+    [ -z "$err" ] || printf '%s\n' "$err" >&2
     lm_die "$src is corrupt or truncated (decompression failed); fetch it again"
   fi
   local lines sha

@@ -27,9 +27,30 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections import Counter
 
 import torch
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
+    return value
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or a positive integer (got {value})")
+    return value
 
 
 def parse_args(argv=None):
@@ -37,12 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--path", required=True, help="checkpoint of an lstm_moe_lm or lstm_moe_nmt model")
     p.add_argument("--data", required=True, help="fairseq data dir (dict*.txt and the binarized split)")
     p.add_argument("--subset", default="test", help="split to run over (default: test)")
-    p.add_argument("--max-tokens", type=int, default=100000,
+    p.add_argument("--max-tokens", type=non_negative_int, default=100000,
                    help="use the first N tokens of the split (translation: source tokens; 0: all; "
                         "default 100000)")
-    p.add_argument("--block", type=int, default=64,
+    p.add_argument("--block", type=positive_int, default=64,
                    help="language models: tokens per sequence block (default 64)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=positive_int, default=64,
                    help="blocks (language models) or sentence pairs (translation) per forward")
     p.add_argument("--routing", choices=("eval", "train"), default="eval",
                    help="eval: the inference gate (default); train: the MoE layers in training "
@@ -76,9 +97,95 @@ def load(args):
     if not os.path.isdir(args.data):
         fail(f"no data directory {args.data}; run scripts/prepare-wikitext2.sh or "
              f"scripts/prepare-multi30k.sh (or give --data)")
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
-        [args.path], arg_overrides={"data": args.data})
+    check_data_fits(args)
+    try:
+        models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+            [args.path], arg_overrides={"data": args.data})
+    except (ValueError, FileNotFoundError) as error:  # the plugin's checks name the fix
+        if os.environ.get("SMOE_TRACEBACK", "0") not in ("", "0"):
+            raise
+        fail(str(error).strip())
+    except RuntimeError as error:  # a dictionary the check above could not compare
+        if "size mismatch" not in str(error):
+            raise
+        detail = next((line.strip() for line in str(error).splitlines()
+                       if "size mismatch" in line), "")
+        fail(f"{args.path} does not fit the data in {args.data} ({detail}): it was binarized with "
+             f"another dictionary; give --data the folder the checkpoint was trained on")
     return models[0], task
+
+
+def _get(config, key):
+    if config is None:
+        return None
+    return config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+
+
+def check_data_fits(args):
+    """The data folder is of the checkpoint's task and its dictionaries have the sizes the model
+    was trained with; else one line naming the mismatch (fairseq: a traceback, or an error about
+    a missing file or language pair)."""
+    from fairseq.data import Dictionary, data_utils
+
+    try:  # memory-mapped: the configuration and the tensors' shapes, not their bytes
+        state = torch.load(args.path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:
+        return  # not a zip checkpoint: the loader names what is wrong with the file
+    task = _get(state.get("cfg"), "task")
+    name = _get(task, "_name") or _get(state.get("args"), "task")
+    weights = state.get("model") or {}
+    dicts = sorted(f for f in os.listdir(args.data) if f.startswith("dict.") and f.endswith(".txt"))
+    if name == "language_modeling":
+        if "dict.txt" not in dicts:
+            held = (f"translation data ({', '.join(dicts)})" if dicts else "no dict.txt")
+            fail(f"{args.path} is a language model (task language_modeling), but {args.data} holds "
+                 f"{held}; give --data the language-model folder it was trained on (with dict.txt, "
+                 f"e.g. outputs/data/wikitext-2/bin from scripts/prepare-wikitext2.sh)")
+        sides = [("dict.txt", "decoder.embed_tokens.weight")]
+    elif name == "translation":
+        source, target = _get(task, "source_lang"), _get(task, "target_lang")
+        if not (source and target):
+            source, target = data_utils.infer_language_pair(args.data)
+        missing = [f"dict.{lang}.txt" for lang in (source, target)
+                   if lang and f"dict.{lang}.txt" not in dicts]
+        if not (source and target) or missing:
+            held = ("language-model data (dict.txt)" if dicts == ["dict.txt"] else
+                    f"no {' or '.join(missing)}" if missing else
+                    "no binarized language pair (SPLIT.SRC-TGT.LANG.idx)")
+            fail(f"{args.path} is a translation model (task translation), but {args.data} holds "
+                 f"{held}; give --data the translation folder it was trained on (dict.SRC.txt, "
+                 f"dict.TGT.txt and SPLIT.SRC-TGT.*, e.g. outputs/data/multi30k.en-de/bin from "
+                 f"scripts/prepare-multi30k.sh)")
+        sides = [(f"dict.{source}.txt", "encoder.embed_tokens.weight"),
+                 (f"dict.{target}.txt", "decoder.embed_tokens.weight")]
+    else:
+        return
+    for dict_name, key in sides:
+        if key not in weights:
+            continue
+        size, trained = len(Dictionary.load(os.path.join(args.data, dict_name))), weights[key].shape[0]
+        if size != trained:
+            fail(f"{os.path.join(args.data, dict_name)} has {size} entries, but {args.path} was "
+                 f"trained with a dictionary of {trained}: the data was binarized for another "
+                 f"model; give --data the folder the checkpoint was trained on (or binarize the "
+                 f"text again with its dictionary: fairseq-preprocess --srcdict)")
+
+
+def check_writable(path, option):
+    """Before the analysis: an output file that cannot be written is refused now, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"{option} {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        fail(f"cannot write {option} {path}: the folder {folder} does not exist; create it or "
+             f"give another {option}")
+    try:
+        if os.path.exists(path):
+            open(path, "a").close()  # opened, not changed
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        fail(f"cannot write {option} {path} ({error.strerror or error}); give another {option}")
 
 
 def moe_layers(model):
@@ -311,6 +418,9 @@ def plot(path, results, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, option)
     model, task = load(args)
     layers = moe_layers(model)
     if not layers:

@@ -24,7 +24,9 @@ while [ $# -gt 0 ]; do
     --pair) pair="$2"; shift 2 ;;
     --src) src="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    --bpe-merges) merges="$2"; shift 2 ;;
+    --bpe-merges) merges="${2-}"; shift $(( $# > 1 ? 2 : 1 ))
+                  [[ "$merges" =~ ^[1-9][0-9]*$ ]] \
+                    || die "--bpe-merges ${merges:-(no value)}: give a positive integer, the number of BPE merge operations (e.g. --bpe-merges 8000)" ;;
     --workers) workers="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p;}}' "$0"; exit 0 ;;  # the header, as usage
     *) die "unknown argument $1 (see --help)" ;;
@@ -75,6 +77,12 @@ for split in train valid test test1 test2; do
 done
 say "applied BPE: $out/bpe"
 
+# An interrupted run leaves a partial bin/ (no .done), whose dictionaries fairseq-preprocess
+# refuses to overwrite (FileExistsError): start it afresh.
+if [ -e "$out/bin" ]; then
+  say "removing $out/bin, left unfinished by an earlier run"
+  rm -rf "$out/bin"
+fi
 "$bin/fairseq-preprocess" --source-lang "$s" --target-lang "$t" \
   --trainpref "$out/bpe/train" --validpref "$out/bpe/valid" \
   --testpref "$out/bpe/test,$out/bpe/test1,$out/bpe/test2" \

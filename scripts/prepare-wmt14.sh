@@ -32,7 +32,9 @@ while [ $# -gt 0 ]; do
     --pair) pair="$2"; shift 2 ;;
     --archives) archives="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    --bpe-merges) merges="$2"; shift 2 ;;
+    --bpe-merges) merges="${2-}"; shift $(( $# > 1 ? 2 : 1 ))
+                  [[ "$merges" =~ ^[1-9][0-9]*$ ]] \
+                    || die "--bpe-merges ${merges:-(no value)}: give a positive integer, the number of BPE merge operations (e.g. --bpe-merges 32000)" ;;
     --bpe-sample) sample="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
     --no-download) download=0; shift ;;
@@ -184,6 +186,12 @@ for split in train valid test; do
   done
 done
 
+# An interrupted run leaves a partial bin/ (no .done), whose dictionaries fairseq-preprocess
+# refuses to overwrite (FileExistsError): start it afresh.
+if [ -e "$out/bin" ]; then
+  say "removing $out/bin, left unfinished by an earlier run"
+  rm -rf "$out/bin"
+fi
 "$bin/fairseq-preprocess" --source-lang en --target-lang "$f" \
   --trainpref "$out/bpe/train" --validpref "$out/bpe/valid" --testpref "$out/bpe/test" \
   --destdir "$out/bin" --joined-dictionary --workers "$workers" 2>&1 | grep -v tensorboardX >&2

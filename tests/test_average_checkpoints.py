@@ -1,9 +1,13 @@
 """scripts/average_checkpoints.py: the mean it writes, and its one-line refusals."""
 
+import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import ROOT, load_script
 
 from fairseq_smoe.compat.checkpoint_safety import atomic_torch_save, verify_and_strip
 from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY
@@ -79,3 +83,42 @@ def test_refusals_write_nothing(script, tmp_path, capsys):
     assert "--force" in refused(script, capsys, tmp_path / "a.pt", "-o", out)
     assert out.read_bytes() == b"keep"
     assert script.main([str(tmp_path / "a.pt"), "-o", str(out), "--force"]) == 0
+
+
+def run_script(*argv):
+    """The script as its own process: (exit status, stderr)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "average_checkpoints.py"),
+                             *map(str, argv)], capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stderr
+
+
+def test_runs_with_other_moe_options_or_arch_are_refused(tmp_path):
+    def model_cfg(**changes):
+        options = dict(arch="lstm_moe_lm_tiny", moe_num_experts=4, moe_k=2,
+                       moe_gating="noisy_top_k", moe_experts_backend="loop")
+        options.update(changes)
+        return argparse.Namespace(**{k: v for k, v in options.items() if v is not None})
+
+    checkpoint(tmp_path / "k2.pt", seed=1, cfg={"model": model_cfg()})
+    checkpoint(tmp_path / "k1.pt", seed=2, cfg={"model": model_cfg(moe_k=1)})
+    out = tmp_path / "avg.pt"
+    status, err = run_script(tmp_path / "k2.pt", tmp_path / "k1.pt", "-o", out)
+    assert status == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"average_checkpoints.py: error: {tmp_path / 'k1.pt'} was trained with --moe-k 1 but "
+        f"{tmp_path / 'k2.pt'} with --moe-k 2: these are different models; average checkpoints "
+        f"of one run")
+    # an older file's state["args"], another architecture
+    checkpoint(tmp_path / "old.pt", seed=3, cfg=None, args=model_cfg(arch="lstm_moe_lm_tiny_h"))
+    status, err = run_script(tmp_path / "k2.pt", tmp_path / "old.pt", "-o", out)
+    assert status == 2 and "--arch lstm_moe_lm_tiny_h but" in err and "with --arch lstm_moe_lm_tiny:" in err
+    # an option the configuration lost, recorded beside it (smoe_moe_options)
+    checkpoint(tmp_path / "lost.pt", seed=4, cfg={"model": model_cfg(moe_gating=None)},
+               smoe_moe_options={"moe_gating": "batchwise", "moe_k": 2})
+    status, err = run_script(tmp_path / "k2.pt", tmp_path / "lost.pt", "-o", out)
+    assert status == 2 and "--moe-gating batchwise but" in err, err
+    assert not out.exists()
+    # how the experts run is no model difference: a run resumed with another backend averages
+    checkpoint(tmp_path / "grouped.pt", seed=5, cfg={"model": model_cfg(moe_experts_backend="grouped_mm")})
+    status, err = run_script(tmp_path / "k2.pt", tmp_path / "grouped.pt", "-o", out)
+    assert status == 0 and out.exists(), err

@@ -5,6 +5,7 @@ bounded: each process is waited for with a timeout and killed in a finally block
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -217,6 +218,22 @@ def test_a_command_that_does_not_exist_is_one_line(tmp_path):
     assert result.returncode == 127
     assert "[launch_cpu] error: cannot run 'no-such-fairseq-train': No such file or directory; " \
            "give the program's path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_refused_before_any_worker_starts():
+    with socket.socket() as busy:  # another run's rendezvous, say
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, LAUNCHER, "-n", "2", "--port", str(port), "--",
+                                 sys.executable, "-c", "print('worker started')"],
+                                capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"[launch_cpu] error: port {port} is in use" in result.stderr
+    assert "give another --port or leave it out to pick a free one" in result.stderr
+    assert "worker started" not in result.stdout  # refused before any worker ran
     assert "Traceback" not in result.stderr
 
 

@@ -3,6 +3,7 @@
 
 import lzma
 import os
+import re
 import subprocess
 
 import pytest
@@ -28,6 +29,29 @@ def test_wikitext2_rejects_a_damaged_file(tmp_path):
     (src / "wiki.train.tokens").write_text("too short\n")
     rc, out = run_script("prepare-wikitext2.sh", "--src", src, "--out", tmp_path / "out")
     assert rc == 1 and "has 1 lines, expected 36718" in out
+
+
+def test_wikitext2_on_a_full_disk_names_the_folder_and_its_free_space(tmp_path):
+    """A write that fails (no space) is not reported as a corrupt archive. The output goes to a
+    64 KiB tmpfs where this user may mount one (root); elsewhere the first output file is made a
+    link to /dev/full, whose writes fail with ENOSPC alike."""
+    out = tmp_path / "out"
+    raw = out / "raw"
+    raw.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(raw)],
+                             capture_output=True).returncode == 0
+    try:
+        if not mounted:
+            os.symlink("/dev/full", raw / "train.tokens.tmp")
+        rc, text = run_script("prepare-wikitext2.sh", "--out", out)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(raw)], check=True)
+    line = next((line for line in text.splitlines() if "] error:" in line), text)
+    assert rc == 1 and "corrupt" not in line, text
+    assert f"cannot write {raw / 'train.tokens.tmp'} (" in line and "No space left" in line
+    assert re.search(rf"{re.escape(str(raw))} has \S+ free \(df -h ", line), line
+    assert "give --out a folder on a disk with room" in line
 
 
 def test_wikitext2_checks_sha256(tmp_path):

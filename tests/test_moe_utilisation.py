@@ -4,6 +4,7 @@ eval-mode and training-mode routing."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -88,3 +89,78 @@ def test_hierarchical_layer_gets_a_group_by_expert_table(corpus, tmp_path):  # n
         assert any(e["words"] for e in result["experts"])  # words per expert, hierarchical too
     # training-mode noise changes the routing
     assert outs["eval"].split("Layer")[1] != outs["train"].split("Layer")[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the fix, before any analysis (issue 29).
+
+def refused(*args, usage=False):
+    """(the error line, stdout) of a run that must end with one line of error and status 2
+    (after argparse's usage lines when ``usage``)."""
+    result = subprocess.run([PYTHON, "scripts/moe_utilisation.py", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert usage or len(lines) == 1, result.stderr
+    return lines[-1], result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):  # noqa: F811
+    """(LM data folder, LM checkpoint, translation data folder, translation checkpoint),
+    each trained for one update."""
+    root = tmp_path_factory.mktemp("utilisation_faults")
+    lm_data = corpus[0] / "bin"
+    train(lm_data, root / "lm", "lstm_moe_lm_tiny", 1, "--disable-validation")
+    mt_data = _reversal_corpus(root)
+    cli("fairseq-train", mt_data, "--user-dir", "fairseq_smoe", "--task", "translation", "--cpu",
+        "--arch", "lstm_moe_nmt_tiny", "--criterion", "smoe_label_smoothed_cross_entropy",
+        "--optimizer", "adam", "--lr", 0.01, "--max-tokens", 1000, "--max-update", 1,
+        "--num-workers", 0, "--save-dir", root / "mt", "--no-epoch-checkpoints",
+        "--disable-validation")
+    return lm_data, root / "lm" / "checkpoint_last.pt", mt_data, root / "mt" / "checkpoint_last.pt"
+
+
+def test_data_of_the_other_task_is_refused_in_one_line(trained):
+    lm_data, lm_ckpt, mt_data, mt_ckpt = trained
+    line, _ = refused("--path", lm_ckpt, "--data", mt_data, "--subset", "valid")
+    assert "is a language model (task language_modeling)" in line
+    assert "translation data (dict.src.txt, dict.tgt.txt)" in line
+    assert "scripts/prepare-wikitext2.sh" in line
+    line, _ = refused("--path", mt_ckpt, "--data", lm_data, "--subset", "test")
+    assert "is a translation model (task translation)" in line
+    assert "language-model data (dict.txt)" in line and "scripts/prepare-multi30k.sh" in line
+
+
+def test_a_dictionary_of_another_size_is_refused_in_one_line(trained, tmp_path):
+    lm_data, lm_ckpt, _, _ = trained
+    other = tmp_path / "bin"
+    shutil.copytree(lm_data, other)
+    with open(other / "dict.txt", "a") as f:
+        f.write("extra1 1\nextra2 1\n")
+    line, _ = refused("--path", lm_ckpt, "--data", other, "--subset", "test")
+    trained_size = sum(1 for _ in open(lm_data / "dict.txt")) + 4  # + fairseq's 4 specials
+    assert f"dict.txt has {trained_size + 2} entries" in line
+    assert f"trained with a dictionary of {trained_size}" in line
+    assert "give --data the folder the checkpoint was trained on" in line
+
+
+@pytest.mark.parametrize("block", [0, -3])
+def test_block_must_be_positive(trained, block):
+    lm_data, lm_ckpt, _, _ = trained
+    line, _ = refused("--path", lm_ckpt, "--data", lm_data, "--block", block, usage=True)
+    assert line.startswith("moe_utilisation.py: error: argument --block: must be a positive")
+
+
+def test_unwritable_json_is_refused_before_the_analysis(trained, tmp_path):
+    lm_data, lm_ckpt, _, _ = trained
+    target = tmp_path / "no-such-folder" / "report.json"
+    line, out = refused("--path", lm_ckpt, "--data", lm_data, "--subset", "test",
+                        "--block", 32, "--json", target)
+    assert f"cannot write --json {target}" in line and "does not exist" in line
+    assert "Layer" not in out  # nothing analysed
+    line, out = refused("--path", lm_ckpt, "--data", lm_data, "--json", tmp_path)
+    assert f"--json {tmp_path} is a directory" in line and "Layer" not in out
+    assert not (tmp_path / "no-such-folder").exists()

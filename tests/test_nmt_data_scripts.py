@@ -25,6 +25,45 @@ def test_prepare_multi30k_checks_its_source_folder(tmp_path):
     assert code != 0 and "missing" in out and "train.lc.norm.tok.en" in out
 
 
+def test_prepare_multi30k_reruns_after_an_interruption(tmp_path):
+    """A run interrupted in fairseq-preprocess leaves a partial bin/ without .done; the next run
+    must finish (fairseq-preprocess refused it: FileExistsError on dict.en.txt). A synthetic
+    corpus with Multi30k's line counts keeps it to seconds."""
+    import random
+
+    rng = random.Random(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    for split, lines in (("train", 29000), ("val", 1014), ("test_2016_flickr", 1000),
+                         ("test_2017_flickr", 1000), ("test_2017_mscoco", 461)):
+        for lang in ("en", "de"):
+            words = [f"{lang}{i}" for i in range(12)]
+            text = "".join(" ".join(rng.choices(words, k=3)) + "\n" for _ in range(lines))
+            (src / f"{split}.lc.norm.tok.{lang}").write_text(text)
+    out = tmp_path / "out"
+    (out / "bin").mkdir(parents=True)
+    (out / "bin" / "dict.en.txt").write_text("en1 5\n")  # what the interrupted run wrote
+    code, text = run_script("prepare-multi30k.sh", "--src", str(src), "--out", str(out),
+                            "--bpe-merges", "10", "--workers", "1")
+    assert code == 0, text[-3000:]
+    assert "FileExistsError" not in text and (out / "bin" / ".done").exists()
+    assert (out / "bin" / "train.en-de.de.bin").stat().st_size > 0
+    assert "en1 5" not in (out / "bin" / "dict.en.txt").read_text().splitlines()[:1]
+
+
+def test_bpe_merges_must_be_a_positive_integer(tmp_path):
+    for script, extra in (("prepare-multi30k.sh", []), ("prepare-wmt14.sh", ["--no-download"])):
+        for value in ("abc", "0", "-5", "8k"):
+            # checked while reading the arguments: before any extraction or download
+            code, text = run_script(script, "--pair", "en-de", "--bpe-merges", value,
+                                    "--out", str(tmp_path / "out"), *extra)
+            assert code != 0 and text.strip().splitlines() == [
+                f"[{script[:-3]}] error: --bpe-merges {value}: give a positive integer, the "
+                f"number of BPE merge operations (e.g. --bpe-merges "
+                f"{8000 if 'multi30k' in script else 32000})"], text
+            assert not (tmp_path / "out").exists()
+
+
 def test_shipped_multi30k_has_the_recipe_files():
     tok = os.path.join(ROOT, "data", "multi30k", "tok")
     for split in ("train", "val", "test_2016_flickr", "test_2017_flickr", "test_2017_mscoco"):
