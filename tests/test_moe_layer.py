@@ -360,3 +360,22 @@ def test_hierarchical_state_dict_with_one_gate_per_group_loads(gating):
     # fairseq-train's resume refuses the optimizer moments saved with such a state
     assert loaded.secondary_gates.converted_old_state
     assert not getattr(layer.secondary_gates, "converted_old_state", False)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hierarchical"])
+def test_script_trace_and_double_backward_are_one_clear_error(kind):
+    """What the layer cannot do fails where it starts, saying what to use instead (it failed
+    deep inside torch)."""
+    from fairseq_smoe.modules import HierarchicalMoELayer
+
+    layer = MoELayer(8, 8, 4, 16, k=2) if kind == "flat" else HierarchicalMoELayer(8, 8, 2, 2, 16, 1, 1)
+    x = torch.randn(5, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*torch.compile"):
+        torch.jit.script(layer)
+    with pytest.raises(RuntimeError, match="cannot be traced by torch.jit.trace.*torch.compile"):
+        torch.jit.trace(lambda t: layer(t)[0], (x,))
+    y, stats = layer(x)
+    with pytest.raises(RuntimeError, match="first-order gradients only: backward with create_graph=True"):
+        torch.autograd.grad(y.square().sum() + stats.loss, x, create_graph=True)
+    (grad,) = torch.autograd.grad(layer(x)[0].sum(), x)  # first order is fine
+    assert grad.shape == x.shape

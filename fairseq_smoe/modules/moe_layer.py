@@ -93,7 +93,19 @@ class MoELayerBase(nn.Module):
         # Reused dispatch/combine buffers between steps on CPU (workspace.py); not state.
         self.workspace = Workspace()
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: one clear line instead of TorchScript's report on
+        # the first construct it cannot compile, deep inside the gate or a backend.
+        raise RuntimeError(f"{type(self).__name__} cannot be compiled by torch.jit.script (its "
+                           f"routing uses Python-level autograd Functions and backends); run it "
+                           f"eagerly, or use torch.compile (docs/layer.md)")
+
     def _flatten(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        if torch.jit.is_tracing():
+            raise RuntimeError(f"{type(self).__name__} cannot be traced by torch.jit.trace (or "
+                               f"exported through it): which experts run depends on the input "
+                               f"values, which a trace would freeze. Run it eagerly, or use "
+                               f"torch.compile (docs/layer.md)")
         if x.shape[-1] != self.input_dim:
             raise ValueError(f"expected input of size [..., {self.input_dim}], got {list(x.shape)}")
         self._check_dtype(x)

@@ -34,9 +34,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..ops import threads
+from ..ops.autograd import first_order_only
 from ..ops.workspace import Workspace
 
 NOISE_BLOCK_ROWS = 256  # rows per block of the earlier per-block noise streams (tests read it)
@@ -181,7 +181,7 @@ class _NoisyTopK(torch.autograd.Function):
         return gate_TK, expert_TK, load_GE
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_gate_TK, _grad_expert, grad_load_GE):
         (logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1, gate_TK,
          valid_T, segment_T) = ctx.saved_tensors

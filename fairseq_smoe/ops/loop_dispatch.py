@@ -15,8 +15,8 @@ from a ``Workspace`` when one is given (workspace.py).
 from typing import List, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from .autograd import first_order_only
 from .workspace import Workspace
 
 
@@ -49,7 +49,7 @@ class _GatherRows(torch.autograd.Function):
         return out_SD
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_SD):
         (row_S,) = ctx.saved_tensors
         grad_TD = _empty(ctx.workspace, ctx.name + "_grad", (ctx.num_rows, grad_SD.shape[1]), grad_SD)
@@ -97,7 +97,7 @@ class _Combine(torch.autograd.Function):
         return y_TO
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_TO):
         y_SO, row_S, gate_S = ctx.saved_tensors
         ws = ctx.workspace

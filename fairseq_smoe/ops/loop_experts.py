@@ -36,9 +36,9 @@ keep one product per expert so that their gradient is rounded once).
 from typing import Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import threads
+from .autograd import first_order_only
 from .loop_dispatch import combine_rows
 from .workspace import Workspace
 
@@ -252,7 +252,7 @@ class _GroupedFeedForward(torch.autograd.Function):
         return y_SO
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_y_SO):
         x_SD, _, weights, biases, hidden = _saved(ctx)
         grad_y_SO = grad_y_SO.contiguous().to(x_SD.dtype)
@@ -282,7 +282,7 @@ class _GroupedFeedForwardCombine(torch.autograd.Function):
         return y_TO
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_y_TO):
         x_SD, (y_SO, gate_S, row_S), weights, biases, hidden = _saved(ctx)
         grad_y_TO = grad_y_TO.contiguous().to(x_SD.dtype)

@@ -39,9 +39,9 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .autograd import first_order_only
 from .resident import ResidentBackend
 
 try:
@@ -356,7 +356,7 @@ class _GroupedLinear(torch.autograd.Function):
         return y_SN
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_SN):
         x_SK, weight_GKN, y_SN = ctx.saved_tensors
         grouping = ctx.grouping
