@@ -156,3 +156,28 @@ def test_hierarchical_preset_trains_and_resumes(reversal_data, tmp_path):
     log = train(reversal_data, tmp_path, "lstm_moe_nmt_tiny_h", 16, "--max-tokens", "300")
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", log), log[-3000:]
     assert "num_updates 16" in log
+
+
+def test_interactive_skips_lines_not_in_utf8_and_names_too_long_inputs(reversal_data, tmp_path):
+    """A Latin-1 line among UTF-8 ones is skipped with a warning and the others are translated
+    (fairseq stopped at it with a UnicodeDecodeError); an input longer than the model's positions
+    is one line naming the options (was a traceback)."""
+    train(reversal_data, tmp_path, "lstm_moe_nmt_tiny", 5, "--max-source-positions", "16")
+    command = [os.path.join(BIN, "fairseq-interactive"), str(reversal_data / "bin"), "--user-dir",
+               "fairseq_smoe", "--cpu", "--path", str(tmp_path / "checkpoint_last.pt"),
+               "--source-lang", "src", "--target-lang", "tgt"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=300,
+                          input="a b c\n".encode() + "caf\u00e9 b\n".encode("latin-1") + b"d e\n")
+    output = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 0, output[-3000:]
+    assert len([line for line in output.splitlines() if line.startswith("H-")]) == 2, output[-3000:]
+    assert "standard input line 2 is not UTF-8" in output
+    long_line = " ".join(SYMBOLS[i % len(SYMBOLS)] for i in range(40)) + "\n"
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=300, text=True,
+                          input=long_line)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    lines = [line for line in output.splitlines() if "fairseq-smoe: error:" in line]
+    assert len(lines) == 1 and "--max-source-positions" in lines[0], output[-3000:]
+    assert "--skip-invalid-size-inputs-valid-test" in lines[0] and "Traceback" not in output

@@ -108,6 +108,7 @@ from fairseq.data import data_utils
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from fairseq.trainer import Trainer
 import fairseq_cli.train  # noqa: F401  (BF16_CUDA wraps the commands' configuration step)
+import fairseq_cli.interactive  # noqa: F401  (INTERACTIVE_INPUT replaces its reader)
 print(json.dumps({
     "CHECKPOINT_LOAD": type(checkpoint_utils.torch).__name__ == "_TorchWithTrustedLoad",
     "CHECKPOINT_SAFETY": getattr(checkpoint_utils, "_smoe_checkpoint_safety", False),
@@ -122,6 +123,8 @@ print(json.dumps({
     "BF16_CUDA": getattr(sys.modules["fairseq_cli.train"].convert_namespace_to_omegaconf,
                          "_smoe_bf16_cuda", False),
     "PATIENCE_RESUME": getattr(Trainer, "_smoe_patience_resume", False),
+    "INTERACTIVE_INPUT": sys.modules["fairseq_cli.interactive"].buffered_read.__module__.startswith(
+        "fairseq_smoe"),
 }))
 """
 

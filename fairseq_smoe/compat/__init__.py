@@ -22,6 +22,7 @@ process once installed, i.e. to every model fairseq trains in it, not only ours.
     CLI_ERRORS           cli_errors           sys.excepthook in fairseq-* commands: one-line errors
     BF16_CUDA            bf16_cuda            --bf16 on a GPU trains in CUDA bf16 (fairseq: TPU only)
     PATIENCE_RESUME      patience_resume      Trainer save/load keep --patience's count over a resume
+    INTERACTIVE_INPUT    interactive_input    fairseq-interactive skips input lines that are not UTF-8
 """
 
 import importlib
@@ -76,6 +77,9 @@ PATCHES: List[Patch] = [
     Patch("PATIENCE_RESUME", "patience_resume", "install",
           "checkpoints keep --patience's count (best score, epochs without improvement) and a "
           "resume restores it"),
+    Patch("INTERACTIVE_INPUT", "interactive_input", "install",
+          "fairseq-interactive skips (with a warning) input lines that are not UTF-8 instead of "
+          "stopping"),
 ]
 
 _installed: Dict[str, bool] = {}

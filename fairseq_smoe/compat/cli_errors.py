@@ -104,6 +104,11 @@ def one_line(exc_type, exc, tb):
                     USAGE_STATUS)
     if issubclass(exc_type, FloatingPointError) and _raised_by_fairseq(tb):
         return f"fairseq-smoe: error: {_DIVERGED_HINT.format(exc=str(exc).strip().rstrip('.'))}", 1
+    if exc_type is Exception and "skip this example with --skip-invalid-size-inputs-valid-test" in str(exc):
+        return (f"fairseq-smoe: error: {str(exc).split(', skip')[0]}: an input is longer than the "
+                f"model's positions. Raise --max-source-positions/--max-target-positions (an LSTM "
+                f"has no positional limit of its own), or skip such inputs with "
+                f"--skip-invalid-size-inputs-valid-test", USAGE_STATUS)
     if issubclass(exc_type, AssertionError) and "should not exceed max_tokens" in str(exc):
         return f"fairseq-smoe: error: {_TOO_LONG_HINT.format(exc=str(exc).strip())}", USAGE_STATUS
     if exc_type.__name__ == "ProcessRaisedException":  # torch.multiprocessing.spawn
