@@ -93,10 +93,11 @@ class LSTMMoELanguageModel(FairseqLanguageModel):
         max_target_positions = getattr(args, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS
         try:
             check_precision_options(args)
-            check_training_options(args)
-            check_data(args, task)
             refuse_distributed_evaluation()
             decoder = LSTMMoEDecoder.from_args(args, task.target_dictionary, max_target_positions)
+            # after the model's own options: those errors name the model's flags first
+            check_training_options(args)
+            check_data(args, task)
         except ValueError as error:  # bad option combinations: say which flag to change
             raise ValueError(f"lstm_moe_lm: {error}") from None
         return setup_expert_parallel(cls(decoder), args)

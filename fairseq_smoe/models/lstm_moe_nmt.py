@@ -344,8 +344,6 @@ class LSTMMoETranslationModel(FairseqEncoderDecoderModel):
         refuse_in_language_model_tools("lstm_moe_nmt")
         refuse_distributed_evaluation()
         check_precision_options(args)
-        check_training_options(args)
-        check_data(args, task)
         base_architecture(args)
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
         if args.share_all_embeddings:
@@ -361,6 +359,8 @@ class LSTMMoETranslationModel(FairseqEncoderDecoderModel):
             len(tgt_dict), args.decoder_embed_dim, tgt_dict.pad())
         encoder = LSTMMoEEncoder(args, src_dict, encoder_embed)
         decoder = LSTMMoEDecoder(args, tgt_dict, decoder_embed, args.encoder_embed_dim)
+        check_training_options(args)  # after the model's own options, as in the LM
+        check_data(args, task)
         return setup_expert_parallel(cls(encoder, decoder), args)
 
 
