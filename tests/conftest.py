@@ -1,6 +1,12 @@
 import lzma
 import math
 import os
+
+# The triton backend runs on CPU tensors under Triton's interpreter, which triton sets up only if
+# TRITON_INTERPRET is set when it is first imported (torch imports it lazily, e.g. for some of
+# its own native ops): set for the whole test process here, before anything imports torch.
+# (The plugin never sets it on import; ops.get_backend sets it only if triton is not loaded yet.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import random
 import subprocess
 import sys

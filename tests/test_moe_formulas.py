@@ -1,5 +1,5 @@
-"""Each formula of PAPER.md §1 on small hand-made tensors, with the expected values worked out
-by hand in the comments."""
+"""Each formula of the paper's layer (§2, §4, App. A, B, F) on small hand-made tensors, with the
+expected values worked out by hand in the comments."""
 
 import math
 

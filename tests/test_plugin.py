@@ -247,3 +247,20 @@ def test_bf16_on_cuda_is_cuda_bf16_not_tpu(monkeypatch):
     assert seen[-1] is True  # no GPU: left to the refusal
     command.convert_namespace_to_omegaconf(Namespace(bf16=False, tpu=False, cpu=False))
     assert seen[-1] is False
+
+
+def test_importing_the_layer_changes_nothing_in_the_process():
+    """``import fairseq_smoe.modules`` (and ``fairseq_smoe.ops``) imports no fairseq, leaves the
+    environment as it was (TRITON_INTERPRET included) and patches nothing."""
+    code = ("import os, sys, json\n"
+            "before = dict(os.environ)\n"
+            "import fairseq_smoe, fairseq_smoe.modules, fairseq_smoe.ops\n"
+            "print(json.dumps({'env_same': dict(os.environ) == before,\n"
+            "                  'fairseq': any(m.split('.')[0] == 'fairseq' for m in sys.modules),\n"
+            "                  'hook': sys.excepthook is sys.__excepthook__}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"env_same": True, "fairseq": False,
+                                                                  "hook": True}

@@ -107,9 +107,13 @@ def install_all() -> Dict[str, bool]:
     off = [p.variable for p in PATCHES if not _installed[p.name]]
     if off:
         logger.info(f"fairseq-smoe: patches of fairseq switched off: {', '.join(off)}")
-    # Registration: fairseq's --user-dir imports only models/ and tasks/ of the plugin.
-    for package in ("criterions", "lr_scheduler", "optim", "models"):
+    # Registration: fairseq's --user-dir imports only models/ and tasks/ of the plugin. The
+    # models themselves register when fairseq_smoe.models is imported (its __init__ lists them);
+    # a program calling install_all() directly gets them here too.
+    for package in ("criterions", "lr_scheduler", "optim"):
         importlib.import_module(f"fairseq_smoe.{package}")
+    for module in ("lstm_moe_lm", "lstm_moe_nmt"):
+        importlib.import_module(f"fairseq_smoe.models.{module}")
     return dict(_installed)
 
 

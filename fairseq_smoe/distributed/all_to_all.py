@@ -1,4 +1,4 @@
-"""Differentiable collectives for expert parallelism (PAPER.md §2, paper §3.1).
+"""Differentiable collectives for expert parallelism (paper §3.1).
 
     all_to_all(x, send_splits, recv_splits)   rows x[Σsend[:v] : Σsend[:v+1]] go to worker v;
                                               worker w's rows for us arrive in rank order

@@ -1,4 +1,4 @@
-"""Experts sharded across data-parallel workers (PAPER.md §2; paper §3.1).
+"""Experts sharded across data-parallel workers (paper §3.1).
 
 Gates, embeddings and LSTMs stay replicated; each of W workers holds experts
 [r·E/W, (r+1)·E/W) of every MoE layer. A layer's forward groups its assignments by (global)

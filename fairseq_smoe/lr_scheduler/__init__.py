@@ -1,8 +1,6 @@
-"""Learning-rate schedulers of fairseq-smoe; each module registers its scheduler with fairseq."""
+"""Learning-rate schedulers of fairseq-smoe, registered with fairseq on import:
 
-import importlib
-import os
+    warmup_hold_inverse_sqrt   the translation models' schedule (App. E)
+"""
 
-for _file in sorted(os.listdir(os.path.dirname(__file__))):
-    if _file.endswith(".py") and not _file.startswith("_"):
-        importlib.import_module(f"{__name__}.{_file[:-3]}")
+from . import warmup_hold_inverse_sqrt  # noqa: F401  (registers the scheduler)

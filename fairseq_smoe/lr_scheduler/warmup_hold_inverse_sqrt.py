@@ -1,4 +1,4 @@
-"""The translation models' learning-rate schedule (PAPER.md §4; paper App. E):
+"""The translation models' learning-rate schedule (paper App. E):
 
     linear warmup for ``--warmup-updates`` steps (paper: 2000),
     constant for ``--hold-updates`` more (paper: 8000),

@@ -1,16 +1,17 @@
-"""fairseq models of fairseq-smoe. Each module registers its model and architectures.
+"""fairseq models of fairseq-smoe.
 
-fairseq's ``--user-dir fairseq_smoe`` imports this package: it installs the plugin's patches of
-fairseq and registers the criteria, lr scheduler and optimizer too (``compat.install_all``).
+fairseq's ``--user-dir fairseq_smoe`` imports this package. It installs the plugin's patches of
+fairseq and registers the criteria, lr scheduler and optimizer (``compat.install_all``), then
+registers the models and their ``--arch`` presets, module by module:
+
+    lstm_moe_lm    model lstm_moe_lm and its presets (App. C: MoE-4 ... MoE-4096-h, baselines)
+    lstm_moe_nmt   model lstm_moe_nmt and its presets (§5.3, App. E)
+
+(``lm_costs`` and ``run_checks`` are helpers of these and register nothing.)
 """
-
-import importlib
-import os
 
 from .. import compat
 
 compat.install_all()
 
-for _file in sorted(os.listdir(os.path.dirname(__file__))):
-    if _file.endswith(".py") and not _file.startswith("_"):
-        importlib.import_module(f"{__name__}.{_file[:-3]}")
+from . import lstm_moe_lm, lstm_moe_nmt  # noqa: E402, F401  (register the models)

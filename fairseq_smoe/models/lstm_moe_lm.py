@@ -1,4 +1,4 @@
-"""LSTM-MoE language models of the paper (§5.1, App. C; PAPER.md §3) as a fairseq model.
+"""LSTM-MoE language models of the paper (§5.1, App. C) as a fairseq model.
 
     tokens → embedding → LSTM → MoE → LSTM → softmax
 

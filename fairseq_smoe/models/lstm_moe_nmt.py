@@ -1,4 +1,4 @@
-"""GNMT-style LSTM-MoE translation model (PAPER.md §4; paper §5.3, App. E, App. F, App. G).
+"""GNMT-style LSTM-MoE translation model (paper §5.3, App. E, App. F, App. G).
 
     encoder:  embed → LSTM₁ (bidirectional) → LSTM₂ → MoE → LSTM₃
     decoder:  embed → LSTM₁ → attention(query = LSTM₁ output) → MoE → LSTM₂([x; context]) → softmax

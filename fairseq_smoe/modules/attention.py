@@ -1,4 +1,4 @@
-"""Encoder-decoder attention of the translation models (PAPER.md §4; paper App. G).
+"""Encoder-decoder attention of the translation models (paper App. G).
 
 Two score functions A(x_i, y_j) between a decoder query x_i and an encoder output y_j:
 

@@ -1,4 +1,4 @@
-"""Balance statistics of a gate (PAPER.md §1.2, paper §4 and App. A).
+"""Balance statistics of a gate (paper §4 and App. A).
 
 Pure functions on small per-expert vectors; the gates call them, the layers combine
 them into one loss, and the tests check them on hand-made tensors.

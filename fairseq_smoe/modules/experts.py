@@ -1,4 +1,4 @@
-"""The experts E_1..E_n: ReLU feed-forward networks with separate weights (PAPER.md §1, §3).
+"""The experts E_1..E_n: ReLU feed-forward networks with separate weights (paper §2, §3).
 
 Weights of all experts are stored stacked, ``weights[l]`` is [E, in_l, out_l], so expert e's
 slice ``weights[l][e]`` is a contiguous view: no per-step copy, no gather of weights.

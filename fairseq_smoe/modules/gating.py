@@ -1,4 +1,4 @@
-"""Gating networks G(x) of the Sparsely-Gated MoE layer (PAPER.md §1.1, §1.2, §1.4).
+"""Gating networks G(x) of the Sparsely-Gated MoE layer (paper §2.1, §4 and App. A, App. F).
 
 A gate looks at a batch of rows x_TD and decides which experts each row visits and with what
 weight. It returns a sparse list of (row, expert, gate value) *assignments* plus the balance

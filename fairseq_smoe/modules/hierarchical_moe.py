@@ -1,4 +1,4 @@
-"""Hierarchical Mixture of Experts (PAPER.md §1.3; paper App. B).
+"""Hierarchical Mixture of Experts (paper App. B).
 
 A primary gate picks k_primary of ``num_groups`` groups; inside group i a secondary gate G_i
 picks k_secondary of its ``experts_per_group`` experts:

@@ -1,4 +1,4 @@
-"""The Sparsely-Gated Mixture-of-Experts layer (PAPER.md §1; paper §2, eq. 1).
+"""The Sparsely-Gated Mixture-of-Experts layer (paper §2, eq. 1).
 
     y = Σ_i G(x)_i · E_i(x)        E_i(x) is computed only where G(x)_i ≠ 0
 

@@ -1,5 +1,5 @@
 """Noisy top-k gating and its smooth load, fused into one pass over blocks of rows (paper §2.1,
-eq. 3-5 and 8-10; PAPER.md §1.1-1.2).
+eq. 3-5 and 8-10).
 
 For a block of rows with clean logits x·W_g and raw noise logits x·W_noise:
 

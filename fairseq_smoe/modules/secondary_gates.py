@@ -1,4 +1,4 @@
-"""The secondary gates G_1..G_a of a hierarchical MoE (PAPER.md §1.3; paper App. B), all at once.
+"""The secondary gates G_1..G_a of a hierarchical MoE (paper App. B), all at once.
 
 The gate of group i sees only X^(i), the rows its primary gate sent to group i, and picks among
 that group's b experts. Each is one of the gates of gating.py; their weights are stored stacked

@@ -37,14 +37,6 @@ from typing import Sequence
 
 import torch
 
-# Without CUDA the triton backend runs under Triton's interpreter, and triton builds its own
-# helpers (tl.zeros, ...) for the interpreter only when TRITON_INTERPRET is set at its first
-# import, which torch._dynamo may do at any moment: set it before anything can (triton_experts
-# refuses clearly if triton came first).
-if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules \
-        and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 BACKENDS = ("auto", "loop", "grouped_mm", "triton")
 
 
@@ -98,6 +90,16 @@ def resolve(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ()) -> 
 _BACKENDS = {}
 
 
+def _interpret_without_cuda(device) -> None:
+    """The triton backend chosen for CPU tensors runs under Triton's interpreter, which triton
+    sets up only when TRITON_INTERPRET is set at its first import: set it here, where the backend
+    is chosen, if nothing imported triton yet (importing this package changes nothing;
+    triton_experts refuses clearly when triton came first without it)."""
+    if torch.device(device).type != "cuda" and "TRITON_INTERPRET" not in os.environ \
+            and "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def get_backend(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ()):
     """The backend object for ``name`` (resolving ``auto``); checks what it needs (triton
     installed, ``torch._grouped_mm`` present, aligned sizes) with a clear error."""
@@ -112,6 +114,7 @@ def get_backend(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ())
         elif concrete == "grouped_mm":
             from .grouped_mm import GroupedMMBackend as cls
         else:
+            _interpret_without_cuda(device)
             from .triton_experts import TritonBackend as cls
         _BACKENDS[concrete] = cls()
     return _BACKENDS[concrete]

@@ -1,4 +1,4 @@
-"""The ``loop`` backend: today's CPU path (PAPER.md §3, speed).
+"""The ``loop`` backend: today's CPU path (the speed of paper §3 on CPU).
 
 Routing counts are read to the host once per grouping; every expert runs its own matrix
 products on its block of rows, experts spread over the intra-op threads (threads.py), large

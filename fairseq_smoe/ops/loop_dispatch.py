@@ -1,4 +1,4 @@
-"""Token dispatch: group gate assignments by expert, and add expert outputs back (PAPER.md §2).
+"""Token dispatch: group gate assignments by expert, and add expert outputs back (paper §3).
 
 No capacity limit and no dropped tokens: every assignment a gate makes is computed. The only
 host synchronisation is one transfer of the per-expert counts, needed to know where each

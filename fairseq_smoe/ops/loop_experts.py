@@ -1,4 +1,4 @@
-"""The ``loop`` backend's experts: one autograd Function, expert by expert (PAPER.md §1, §3).
+"""The ``loop`` backend's experts: one autograd Function, expert by expert (paper §2, §3).
 
 The experts' parameters live in ``fairseq_smoe.modules.experts.FeedForwardExperts``; this is how
 the loop backend runs them.

@@ -1,4 +1,4 @@
-"""Independent pieces of CPU work run side by side, one per intra-op thread (PAPER.md §3, speed).
+"""Independent pieces of CPU work run side by side, one per intra-op thread (the speed of paper §3 on CPU).
 
 The MoE layer's CPU work comes in many small independent pieces: one expert's matrix products
 (experts.py), one block of rows of the gate's elementwise math (noisy_topk.py). Splitting each

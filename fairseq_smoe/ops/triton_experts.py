@@ -22,8 +22,8 @@ to its group and first row, and programs past the last tile return at once. Rows
 tail (past the last offset) are never touched: outputs start zeroed.
 
 On CPU the same kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by
-``fairseq_smoe.ops`` when no CUDA device is present and the variable is unset, before triton is
-imported). The interpreter
+``ops.get_backend`` when the triton backend is chosen for CPU tensors, the variable is unset and
+triton is not imported yet). The interpreter
 evaluates a bf16 ``tl.dot`` wrongly (numpy has no bf16), so there the operands are widened to
 fp32 first; on a GPU they go to the tensor cores as they are.
 
@@ -65,8 +65,8 @@ if INTERPRET and not isinstance(tl.zeros, InterpretedFunction):
     # kernels would fail with "Cannot call @triton.jit'd outside of the scope of a kernel".
     raise ImportError("triton was imported before TRITON_INTERPRET=1 was set, so its interpreter "
                       "cannot run the triton backend on CPU: set TRITON_INTERPRET=1 in the "
-                      "environment, or import fairseq_smoe before anything that imports triton "
-                      "or torch._dynamo")
+                      "environment, or choose the triton backend before anything imports triton "
+                      "(torch.compile, torch._dynamo)")
 
 # Kernel launches since import (the benchmark's launch proxy), and a dry-run switch for counting
 # launches at sizes the interpreter would take minutes for: with it, launches are counted and

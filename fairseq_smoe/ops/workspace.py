@@ -1,4 +1,4 @@
-"""Reusable buffers for the MoE layer's large per-step tensors on CPU (PAPER.md §2, speed).
+"""Reusable buffers for the MoE layer's large per-step tensors on CPU (the speed of paper §3 on CPU).
 
 A training step of an MoE layer makes a handful of tensors of tokens·k rows (the dispatched
 inputs, the expert hidden activations and outputs, their gradients) and one gradient as large as
