@@ -123,7 +123,7 @@ def make_embedding(num_embeddings: int, dim: int, padding_idx: int) -> nn.Embedd
     return embedding
 
 
-class LSTMMoEEncoder(FairseqEncoder):
+class LSTMMoETranslationEncoder(FairseqEncoder):
     """``layers`` residual LSTM layers with a residual MoE before the last one (paper: 3 layers,
     MoE between layers 2 and 3). Output: encoder states [B, S, D], padded like the input."""
 
@@ -197,7 +197,7 @@ class LSTMMoEEncoder(FairseqEncoder):
         return self.max_source_positions
 
 
-class LSTMMoEDecoder(FairseqIncrementalDecoder):
+class LSTMMoETranslationDecoder(FairseqIncrementalDecoder):
     """``layers`` residual LSTM layers; the first produces the attention query, a residual MoE
     follows it, and the attention context is fed to every later layer (paper: 2 layers)."""
 
@@ -357,8 +357,8 @@ class LSTMMoETranslationModel(FairseqEncoderDecoderModel):
         encoder_embed = make_embedding(len(src_dict), args.encoder_embed_dim, src_dict.pad())
         decoder_embed = encoder_embed if args.share_all_embeddings else make_embedding(
             len(tgt_dict), args.decoder_embed_dim, tgt_dict.pad())
-        encoder = LSTMMoEEncoder(args, src_dict, encoder_embed)
-        decoder = LSTMMoEDecoder(args, tgt_dict, decoder_embed, args.encoder_embed_dim)
+        encoder = LSTMMoETranslationEncoder(args, src_dict, encoder_embed)
+        decoder = LSTMMoETranslationDecoder(args, tgt_dict, decoder_embed, args.encoder_embed_dim)
         check_training_options(args)  # after the model's own options, as in the LM
         check_data(args, task)
         return setup_expert_parallel(cls(encoder, decoder), args)

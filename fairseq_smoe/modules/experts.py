@@ -95,11 +95,6 @@ class FeedForwardExperts(nn.Module):
                                                 options, *self.weights, *self.biases)
         return y_TO.to(x_SD.dtype)
 
-    def cached_grad_bytes(self) -> int:
-        """Bytes of weight/bias-gradient buffers kept between steps (for memory accounting)."""
-        workspace = getattr(self, "workspace", None)
-        return workspace.held_bytes("grad_w") + workspace.held_bytes("grad_b") if workspace else 0
-
     def extra_repr(self) -> str:
         dims = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]
         return f"num_experts={self.num_experts}, dims={'→'.join(map(str, dims))}"

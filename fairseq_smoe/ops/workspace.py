@@ -69,10 +69,6 @@ class Workspace:
         """Bytes held between steps."""
         return sum(s.nbytes() for s in self._storages.values())
 
-    def held_bytes(self, prefix: str) -> int:
-        """Bytes of the buffers whose names start with ``prefix``."""
-        return sum(s.nbytes() for n, s in self._storages.items() if n.startswith(prefix))
-
     def clear(self):
         self._storages.clear()
 

@@ -1,8 +1,0 @@
-"""Moved to ``fairseq_smoe.ops.threads`` (the loop backend's machinery); this name stays an alias
-of that module, so imports and monkeypatches of the old name reach the same objects."""
-
-import sys
-
-from ..ops import threads as _moved
-
-sys.modules[__name__] = _moved
