@@ -288,6 +288,26 @@ def test_operator_count_is_flat_in_experts_and_tokens(backend, gating, device):
                                   torch.randn(2, 8, device=device), None).launches <= 8
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operator_count_from_16_to_1024_experts(backend):
+    """A training step issues as many operators for 1024 experts as for 16 on ``triton``; on
+    ``grouped_mm`` too up to 1023, and from 1024 on a constant more for the second chunk of
+    experts (CUTLASS takes fewer than 1024 groups a call), however many tokens."""
+    def kernels(num_experts, tokens=32):
+        layer = build("flat", "top_k", backend, num_experts=num_experts)
+        x = torch.randn(tokens // 8, 8, 8, requires_grad=True)
+        _resident_step(layer, x, None, dry_run=True)
+        layer.zero_grad(set_to_none=True)
+        return _resident_step(layer, x, None, dry_run=True).kernels
+
+    base = kernels(16)
+    if backend == "triton":
+        assert kernels(1024) == base == kernels(1024, tokens=64)
+    else:
+        assert kernels(1023) == base
+        assert kernels(1024) == kernels(2046) == kernels(1024, tokens=64) > base
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gating", ["noisy_top_k", "top_k", "softmax", "batchwise"])
 @pytest.mark.parametrize("backend", BACKENDS)
