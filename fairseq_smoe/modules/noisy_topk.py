@@ -138,10 +138,10 @@ class _NoisyTopK(torch.autograd.Function):
         gate_TK = torch.empty(T, k, dtype=dtype, device=device)
         std_TE = _empty(workspace, "std", (T, E), dtype, device)  # saved: softplus is costly
         blocks = [(0, range(0, T))] if single_pass else _row_blocks(T, E, device, segment_rows)
-        load_BE = torch.zeros(max(len(blocks), 1), E, dtype=dtype, device=device)
+        load_RE = torch.zeros(max(len(blocks), 1), E, dtype=dtype, device=device)
         # Segments given on the device: the load of row t goes to segment segment_T[t]
         # (num_segments = dropped).
-        load_GE = None if segment_T is None else load_BE.new_zeros(num_segments + 1, E)
+        load_GE = None if segment_T is None else load_RE.new_zeros(num_segments + 1, E)
 
         def work(b, block):
             r = slice(block[1].start, block[1].stop)
@@ -161,17 +161,17 @@ class _NoisyTopK(torch.autograd.Function):
             if load_GE is not None:
                 load_GE.index_add_(0, segment_T[r], prob)
             else:
-                torch.sum(prob, dim=0, out=load_BE[b])  # this block's share of eq. (10)
+                torch.sum(prob, dim=0, out=load_RE[b])  # this block's share of eq. (10)
 
         threads.for_each(blocks, work, device)
         if load_GE is not None:
             load_GE = load_GE[:num_segments]
         elif single_pass:
-            load_GE = load_BE
+            load_GE = load_RE
         else:
             num_segments = 1 if segment_rows is None else len(segment_rows)
-            block_segment_B = torch.tensor([seg for seg, _ in blocks] or [0], device=device)
-            load_GE = load_BE.new_zeros(num_segments, E).index_add_(0, block_segment_B, load_BE)
+            block_segment_R = torch.tensor([seg for seg, _ in blocks] or [0], device=device)
+            load_GE = load_RE.new_zeros(num_segments, E).index_add_(0, block_segment_R, load_RE)
         ctx.save_for_backward(logits_T2E, std_TE, top_values_TK1, top_experts_TK1, top_noise_TK1,
                               gate_TK, valid_T, segment_T)
         ctx.k, ctx.workspace, ctx.segment_rows = k, workspace, segment_rows

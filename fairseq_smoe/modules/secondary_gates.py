@@ -34,7 +34,7 @@ class SecondaryAssignments(NamedTuple):
     row_A: torch.Tensor  # long [A]: row of x_PD
     expert_A: torch.Tensor  # long [A]: flat expert i·b + j (a·b = dropped)
     gate_A: torch.Tensor  # float [A]: G_i(x)_j
-    load_GB: torch.Tensor  # float [a, b]: Load_i(X^(i))_j (smooth with noise, else counts)
+    load_GJ: torch.Tensor  # float [a, b]: Load_i(X^(i))_j (smooth with noise, else counts)
     aux_loss: torch.Tensor  # scalar
 
 
@@ -117,28 +117,28 @@ class SecondaryGates(nn.Module):
         # activation peak 1.15 -> 1.24 x dense) for a few page faults saved.
         logits_PC = self._logits(backend, x_PD, grouping, weight_GDC)
         if backend.resident:  # one pass, the load per group from the device
-            gate_PK, expert_PK, load_GB = router.route(
+            gate_PK, expert_PK, load_GJ = router.route(
                 logits_PC, None, resident=True, segment_T=grouping.group_S, num_segments=a)
         else:
-            gate_PK, expert_PK, load_GB = router.route(logits_PC, None, grouping.counts,
+            gate_PK, expert_PK, load_GJ = router.route(logits_PC, None, grouping.counts,
                                                        noise_rows=grouping.num_assignments)
         expert_A = self._flat_experts(grouping.group_S, expert_PK).reshape(-1)
-        if load_GB is None:  # no noise: the load is the counts
-            load_GB = _counts(expert_A, a * b).reshape(a, b).to(gate_PK.dtype)
+        if load_GJ is None:  # no noise: the load is the counts
+            load_GJ = _counts(expert_A, a * b).reshape(a, b).to(gate_PK.dtype)
         row_A = torch.arange(x_PD.shape[0], device=x_PD.device).repeat_interleave(k)
-        return SecondaryAssignments(row_A, expert_A, gate_PK.reshape(-1), load_GB,
+        return SecondaryAssignments(row_A, expert_A, gate_PK.reshape(-1), load_GJ,
                                     logits_PC.new_zeros(()))
 
     def _softmax(self, backend, x_PD, grouping):
         """Dense softmax: every row of group i visits all b experts of group i; the load is the
         counts, as ``SoftmaxGate``'s."""
         a, b, P = self.num_groups, self.experts_per_group, x_PD.shape[0]
-        gate_PB = torch.softmax(self._logits(backend, x_PD, grouping, self.w_gate), dim=-1)
-        expert_PB = torch.arange(b, device=x_PD.device).expand(P, b)
-        expert_A = self._flat_experts(grouping.group_S, expert_PB).reshape(-1)
-        load_GB = _counts(expert_A, a * b).reshape(a, b).to(gate_PB.dtype)
+        gate_PJ = torch.softmax(self._logits(backend, x_PD, grouping, self.w_gate), dim=-1)
+        expert_PJ = torch.arange(b, device=x_PD.device).expand(P, b)
+        expert_A = self._flat_experts(grouping.group_S, expert_PJ).reshape(-1)
+        load_GJ = _counts(expert_A, a * b).reshape(a, b).to(gate_PJ.dtype)
         row_A = torch.arange(P, device=x_PD.device).repeat_interleave(b)
-        return SecondaryAssignments(row_A, expert_A, gate_PB.reshape(-1), load_GB, gate_PB.new_zeros(()))
+        return SecondaryAssignments(row_A, expert_A, gate_PJ.reshape(-1), load_GJ, gate_PJ.new_zeros(()))
 
     def _batchwise(self, backend, x_PD, grouping, counts):
         """Strictly balanced gating (App. F) inside each group: in training expert j of group i
@@ -149,52 +149,52 @@ class SecondaryGates(nn.Module):
         device = x_PD.device
         group_P = grouping.group_S  # a for the dropped tail
         real_P = group_P < a
-        probs_PB = torch.softmax(self._logits(backend, x_PD, grouping, self.w_gate), dim=-1)
-        thresholds_GB = self.log_thresholds.exp().to(probs_PB.dtype)
-        thresholds_PB = thresholds_GB.index_select(0, group_P.clamp_max(a - 1))
-        mask_threshold_PB = (probs_PB > thresholds_PB) & real_P[:, None]
+        probs_PJ = torch.softmax(self._logits(backend, x_PD, grouping, self.w_gate), dim=-1)
+        thresholds_GJ = self.log_thresholds.exp().to(probs_PJ.dtype)
+        thresholds_PJ = thresholds_GJ.index_select(0, group_P.clamp_max(a - 1))
+        mask_threshold_PJ = (probs_PJ > thresholds_PJ) & real_P[:, None]
         counts_G = grouping.counts_G
         kept_A = None
         if self.training:
             if counts is None:  # device-resident: fixed shapes, nothing read back
-                mask_PB, row_A, j_A, kept_A = self._batchwise_masks_resident(probs_PB, group_P, counts_G)
+                mask_PJ, row_A, j_A, kept_A = self._batchwise_masks_resident(probs_PJ, group_P, counts_G)
             else:
-                mask_PB, row_A, j_A = self._batchwise_masks(probs_PB, group_P, counts_G, counts)
-            terms_PB = batchwise_threshold_terms(probs_PB, thresholds_PB, mask_threshold_PB,
-                                                 mask_PB) * real_P[:, None]
-            per_group = torch.zeros(a + 1, dtype=terms_PB.dtype, device=device).index_add_(
-                0, group_P, terms_PB.sum(1))[:a]
+                mask_PJ, row_A, j_A = self._batchwise_masks(probs_PJ, group_P, counts_G, counts)
+            terms_PJ = batchwise_threshold_terms(probs_PJ, thresholds_PJ, mask_threshold_PJ,
+                                                 mask_PJ) * real_P[:, None]
+            per_group = torch.zeros(a + 1, dtype=terms_PJ.dtype, device=device).index_add_(
+                0, group_P, terms_PJ.sum(1))[:a]
             aux_loss = (per_group / counts_G.clamp_min(1)).sum()  # each group averaged over its rows
         else:
-            mask_PB = mask_threshold_PB
-            row_A, j_A = mask_PB.nonzero(as_tuple=True)
-            aux_loss = probs_PB.new_zeros(())
-        masked_PB = probs_PB * mask_PB
+            mask_PJ = mask_threshold_PJ
+            row_A, j_A = mask_PJ.nonzero(as_tuple=True)
+            aux_loss = probs_PJ.new_zeros(())
+        masked_PJ = probs_PJ * mask_PJ
         # A row with no expert has an all-zero numerator: its gates stay 0 (no NaN).
-        gate_PB = masked_PB / masked_PB.sum(-1, keepdim=True).clamp_min(1e-30)
-        load_GB = torch.zeros(a + 1, b, dtype=probs_PB.dtype, device=device).index_add_(
-            0, group_P, mask_PB.to(probs_PB.dtype))[:a]
+        gate_PJ = masked_PJ / masked_PJ.sum(-1, keepdim=True).clamp_min(1e-30)
+        load_GJ = torch.zeros(a + 1, b, dtype=probs_PJ.dtype, device=device).index_add_(
+            0, group_P, mask_PJ.to(probs_PJ.dtype))[:a]
         expert_A = group_P.index_select(0, row_A) * b + j_A
-        gate_A = gate_PB[row_A, j_A]
+        gate_A = gate_PJ[row_A, j_A]
         if kept_A is not None:  # the padded tail of the resident assignments is dropped
             expert_A = torch.where(kept_A, expert_A, a * b)
             gate_A = gate_A * kept_A
-        return SecondaryAssignments(row_A, expert_A, gate_A, load_GB, aux_loss)
+        return SecondaryAssignments(row_A, expert_A, gate_A, load_GJ, aux_loss)
 
-    def _batchwise_masks(self, probs_PB, group_P, counts_G, counts: List[int]):
+    def _batchwise_masks(self, probs_PJ, group_P, counts_G, counts: List[int]):
         """M_batchwise of every group (App. F, eq. 16) and its assignments (row, expert within
         the group), the assignments ordered by group, then rank, then expert."""
-        a, b, P = self.num_groups, self.experts_per_group, probs_PB.shape[0]
-        device = probs_PB.device
+        a, b, P = self.num_groups, self.experts_per_group, probs_PJ.shape[0]
+        device = probs_PJ.device
         # m_i = round(k·|X^(i)|/b), at least 1 and at most |X^(i)| (gating.batchwise_capacity),
         # on the host for the shapes and on the device for the masks.
         capacity = [batchwise_capacity(self.k, c, b) for c in counts]
         m_G = device_batchwise_capacity(self.k, counts_G, b)
         most_rows, most_m = max(counts, default=0), max(capacity, default=0)
-        mask_PB = torch.zeros(P + 1, b, dtype=torch.bool, device=device)  # row P: a sink
+        mask_PJ = torch.zeros(P + 1, b, dtype=torch.bool, device=device)  # row P: a sink
         if most_m == 0:
             empty = torch.zeros(0, dtype=torch.long, device=device)
-            return mask_PB[:P], empty, empty
+            return mask_PJ[:P], empty, empty
         # Row p of group i sits at position p - start_i of its group's block.
         start_G = torch.cumsum(counts_G, 0) - counts_G
         position_P = torch.arange(P, device=device) - start_G.index_select(0, group_P.clamp_max(a - 1))
@@ -202,22 +202,22 @@ class SecondaryGates(nn.Module):
         # at a·max_rows + p (unused, but distinct: index_copy_ needs no duplicate index).
         slot_P = torch.where(group_P < a, group_P * most_rows + position_P.clamp(0, most_rows - 1),
                              a * most_rows + torch.arange(P, device=device))
-        scores_QB = torch.full((a * most_rows + P, b), -1.0, dtype=probs_PB.dtype, device=device)
-        scores_QB.index_copy_(0, slot_P, probs_PB)
-        top_GMB = scores_QB[: a * most_rows].reshape(a, most_rows, b).topk(most_m, dim=1).indices
+        scores_UJ = torch.full((a * most_rows + P, b), -1.0, dtype=probs_PJ.dtype, device=device)
+        scores_UJ.index_copy_(0, slot_P, probs_PJ)
+        top_GMJ = scores_UJ[: a * most_rows].reshape(a, most_rows, b).topk(most_m, dim=1).indices
         rank_M = torch.arange(most_m, device=device)
-        kept_GMB = (rank_M[None, :, None] < m_G[:, None, None]).expand(a, most_m, b)
-        row_GMB = start_G[:, None, None] + top_GMB
-        expert_GMB = torch.arange(b, device=device).expand(a, most_m, b)
+        kept_GMJ = (rank_M[None, :, None] < m_G[:, None, None]).expand(a, most_m, b)
+        row_GMJ = start_G[:, None, None] + top_GMJ
+        expert_GMJ = torch.arange(b, device=device).expand(a, most_m, b)
         # Ranks past m_i (and positions past a group's rows) go to the sink row.
-        mask_PB.index_put_((torch.where(kept_GMB, row_GMB, P), expert_GMB),
+        mask_PJ.index_put_((torch.where(kept_GMJ, row_GMJ, P), expert_GMJ),
                            torch.ones((), dtype=torch.bool, device=device))
         # The kept entries, in order, without reading their number back (it is Σ m_i·b).
-        kept = torch.argsort((~kept_GMB).reshape(-1).to(torch.uint8), stable=True)[: b * sum(capacity)]
-        row_A = row_GMB.reshape(-1).index_select(0, kept)
-        return mask_PB[:P], row_A, expert_GMB.reshape(-1).index_select(0, kept)
+        kept = torch.argsort((~kept_GMJ).reshape(-1).to(torch.uint8), stable=True)[: b * sum(capacity)]
+        row_A = row_GMJ.reshape(-1).index_select(0, kept)
+        return mask_PJ[:P], row_A, expert_GMJ.reshape(-1).index_select(0, kept)
 
-    def _batchwise_masks_resident(self, probs_PB, group_P, counts_G):
+    def _batchwise_masks_resident(self, probs_PJ, group_P, counts_G):
         """M_batchwise of every group (App. F, eq. 16) from the device counts alone: every shape
         is fixed by P, so nothing is read back. One segmented sort of the P·b (row, expert)
         pairs: by score, then (stably) by segment (group i, expert j); a pair's rank in its
@@ -225,14 +225,14 @@ class SecondaryGates(nn.Module):
         below m_i. Returns (mask [P, b], row [A], expert within the group [A], kept [A]) with
         A = min(P·b, k·P + a·b) ≥ Σ_i m_i·b (m_i ≤ k·|X^(i)|/b + 1): the kept pairs first,
         ordered by group, expert and rank, then dropped padding."""
-        a, b, P = self.num_groups, self.experts_per_group, probs_PB.shape[0]
-        device = probs_PB.device
+        a, b, P = self.num_groups, self.experts_per_group, probs_PJ.shape[0]
+        device = probs_PJ.device
         m_G = device_batchwise_capacity(self.k, counts_G, b)
         pair_Q = torch.arange(P * b, device=device)  # pair q = row q // b, expert q % b
         real_P = group_P < a
         segment_Q = torch.where(real_P[:, None], group_P[:, None] * b + torch.arange(b, device=device),
                                 a * b).reshape(-1)  # a·b: the dropped tail, sorted last
-        by_score_Q = torch.argsort(probs_PB.reshape(-1), descending=True, stable=True)
+        by_score_Q = torch.argsort(probs_PJ.reshape(-1), descending=True, stable=True)
         order_Q = by_score_Q.index_select(0, torch.argsort(segment_Q.index_select(0, by_score_Q),
                                                             stable=True))
         segment_sorted_Q = segment_Q.index_select(0, order_Q)
@@ -244,12 +244,12 @@ class SecondaryGates(nn.Module):
         rank_Q = pair_Q - segment_start_S.index_select(0, segment_sorted_Q)
         m_S = torch.cat([m_G.repeat_interleave(b, output_size=a * b), m_G.new_zeros(1)])
         kept_Q = rank_Q < m_S.index_select(0, segment_sorted_Q)
-        mask_PB = torch.zeros(P * b, dtype=torch.bool, device=device).scatter_(
+        mask_PJ = torch.zeros(P * b, dtype=torch.bool, device=device).scatter_(
             0, order_Q, kept_Q).reshape(P, b)
         A = min(P * b, self.k * P + a * b)
         first_A = torch.argsort((~kept_Q).to(torch.uint8), stable=True)[:A]
         pair_A = order_Q.index_select(0, first_A)
-        return mask_PB, pair_A // b, pair_A % b, kept_Q.index_select(0, first_A)
+        return mask_PJ, pair_A // b, pair_A % b, kept_Q.index_select(0, first_A)
 
     def extra_repr(self) -> str:
         return (f"gating={self.gating}, groups={self.num_groups}, "

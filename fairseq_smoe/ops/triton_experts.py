@@ -30,6 +30,10 @@ fp32 first; on a GPU they go to the tensor cores as they are.
 ``reference`` for these kernels is ``resident.reference_linear`` (and the loop backend); tests
 compare them in fp32, fp16 and bf16.
 
+Names: host-side tensors carry the shape suffixes of docs/layer.md (``x_SI``, ``weight_GIO``,
+``grad_SO``); inside the kernels the letters are a matrix product's, M rows, N output columns,
+K the reduced dimension, with tiles BM, BN, BK.
+
 Under ``torch.compile`` the layer calls the kernels through the custom operators
 ``fairseq_smoe::grouped_linear`` and ``fairseq_smoe::grouped_wgrad`` (fake implementations and
 autograd registered), so a ``fullgraph=True`` compile of a training step traces (tests/test_compile.py).
@@ -274,22 +278,22 @@ def _tile_table(counts_G, offs_G, S: int, BM: int):
     return group_t, row_t
 
 
-def _linear(x_SK, weight_GKN, bias_GN, counts_G, offs_G, relu: bool, transpose: bool, cache=None):
+def _linear(x_SI, weight_GIO, bias_GO, counts_G, offs_G, relu: bool, transpose: bool, cache=None):
     """act(x @ W[g] + b[g]) per group (W[g]ᵀ with ``transpose``); dropped rows stay 0. ``cache``:
     a dict for the tile table, kept per grouping (it depends on the tile height only)."""
-    _check_device(x_SK, weight_GKN)
-    S = x_SK.shape[0]
+    _check_device(x_SI, weight_GIO)
+    S = x_SI.shape[0]
     if transpose:
-        K, N = weight_GKN.shape[2], weight_GKN.shape[1]
-        swk, swn = weight_GKN.stride(2), weight_GKN.stride(1)
+        K, N = weight_GIO.shape[2], weight_GIO.shape[1]
+        swk, swn = weight_GIO.stride(2), weight_GIO.stride(1)
     else:
-        K, N = weight_GKN.shape[1], weight_GKN.shape[2]
-        swk, swn = weight_GKN.stride(1), weight_GKN.stride(2)
-    y_SN = x_SK.new_zeros(S, N)
+        K, N = weight_GIO.shape[1], weight_GIO.shape[2]
+        swk, swn = weight_GIO.stride(1), weight_GIO.stride(2)
+    y_SO = x_SI.new_zeros(S, N)
     if S == 0:
-        return y_SN
-    precision = _dot_precision(x_SK.dtype)
-    config = kernel_config(x_SK.dtype, _capability(x_SK.device), precision)
+        return y_SO
+    precision = _dot_precision(x_SI.dtype)
+    config = kernel_config(x_SI.dtype, _capability(x_SI.device), precision)
     key = ("tiles", config.BM)
     if cache is not None and key in cache:
         group_t, row_t = cache[key]
@@ -297,79 +301,79 @@ def _linear(x_SK, weight_GKN, bias_GN, counts_G, offs_G, relu: bool, transpose: 
         group_t, row_t = _tile_table(counts_G, offs_G, S, config.BM)
         if cache is not None:
             cache[key] = (group_t, row_t)
-    bias = bias_GN.contiguous() if bias_GN is not None else y_SN
+    bias = bias_GO.contiguous() if bias_GO is not None else y_SO
     grid = (group_t.shape[0], triton.cdiv(N, config.BN))
-    _launch(_grouped_linear_kernel, grid, x_SK, weight_GKN, bias, y_SN, offs_G, group_t,
-            row_t, N, K, x_SK.stride(0), x_SK.stride(1), weight_GKN.stride(0), swk, swn,
-            y_SN.stride(0), y_SN.stride(1), config=config, HAS_BIAS=bias_GN is not None,
-            RELU=relu, UPCAST=INTERPRET and x_SK.dtype != torch.float32, PRECISION=precision,
+    _launch(_grouped_linear_kernel, grid, x_SI, weight_GIO, bias, y_SO, offs_G, group_t,
+            row_t, N, K, x_SI.stride(0), x_SI.stride(1), weight_GIO.stride(0), swk, swn,
+            y_SO.stride(0), y_SO.stride(1), config=config, HAS_BIAS=bias_GO is not None,
+            RELU=relu, UPCAST=INTERPRET and x_SI.dtype != torch.float32, PRECISION=precision,
             BM=config.BM, BN=config.BN, BK=config.BK)
-    return y_SN
+    return y_SO
 
 
-def grouped_linear(x_SK, weight_GKN, bias_GN, grouping, relu: bool, transpose: bool = False):
+def grouped_linear(x_SI, weight_GIO, bias_GO, grouping, relu: bool, transpose: bool = False):
     """act(x @ W[g] + b[g]) per group (W[g]ᵀ with ``transpose``); dropped rows stay 0."""
-    return _linear(x_SK, weight_GKN, bias_GN, grouping.counts_G, grouping.offs_G, relu, transpose,
+    return _linear(x_SI, weight_GIO, bias_GO, grouping.counts_G, grouping.offs_G, relu, transpose,
                    grouping.cache)
 
 
-def _wgrad(x_SK, grad_SN, offs_G, out_dtype):
+def _wgrad(x_SI, grad_SO, offs_G, out_dtype):
     """∂L/∂W[g] = x[rows of g]ᵀ @ grad[rows of g], accumulated in fp32; 0 for empty groups."""
-    G, K, N = offs_G.shape[0], x_SK.shape[1], grad_SN.shape[1]
-    dw_GKN = torch.zeros(G, K, N, dtype=out_dtype, device=x_SK.device)
-    if x_SK.shape[0] == 0:
-        return dw_GKN
-    precision = _dot_precision(x_SK.dtype)
-    config = kernel_config(x_SK.dtype, _capability(x_SK.device), precision)
+    G, K, N = offs_G.shape[0], x_SI.shape[1], grad_SO.shape[1]
+    dw_GIO = torch.zeros(G, K, N, dtype=out_dtype, device=x_SI.device)
+    if x_SI.shape[0] == 0:
+        return dw_GIO
+    precision = _dot_precision(x_SI.dtype)
+    config = kernel_config(x_SI.dtype, _capability(x_SI.device), precision)
     grid = (G, triton.cdiv(K, config.BK), triton.cdiv(N, config.BN))
-    _launch(_grouped_wgrad_kernel, grid, x_SK, grad_SN, dw_GKN, offs_G, K, N,
-            x_SK.stride(0), x_SK.stride(1), grad_SN.stride(0), grad_SN.stride(1),
-            dw_GKN.stride(0), dw_GKN.stride(1), dw_GKN.stride(2), config=config,
-            UPCAST=INTERPRET and x_SK.dtype != torch.float32, PRECISION=precision,
+    _launch(_grouped_wgrad_kernel, grid, x_SI, grad_SO, dw_GIO, offs_G, K, N,
+            x_SI.stride(0), x_SI.stride(1), grad_SO.stride(0), grad_SO.stride(1),
+            dw_GIO.stride(0), dw_GIO.stride(1), dw_GIO.stride(2), config=config,
+            UPCAST=INTERPRET and x_SI.dtype != torch.float32, PRECISION=precision,
             BM=config.BM, BK=config.BK, BN=config.BN)
-    return dw_GKN
+    return dw_GIO
 
 
-def grouped_wgrad(x_SK, grad_SN, grouping, out_dtype):
+def grouped_wgrad(x_SI, grad_SO, grouping, out_dtype):
     """∂L/∂W[g] = x[rows of g]ᵀ @ grad[rows of g], accumulated in fp32; 0 for empty groups."""
-    return _wgrad(x_SK, grad_SN, grouping.offs_G, out_dtype)
+    return _wgrad(x_SI, grad_SO, grouping.offs_G, out_dtype)
 
 
-def _bias_grad(grad_SN, key_S, num_groups: int, dtype):
-    total = grad_SN.new_zeros(num_groups + 1, grad_SN.shape[1], dtype=torch.float32)
-    return total.index_add_(0, key_S, grad_SN.float())[:num_groups].to(dtype)
+def _bias_grad(grad_SO, key_S, num_groups: int, dtype):
+    total = grad_SO.new_zeros(num_groups + 1, grad_SO.shape[1], dtype=torch.float32)
+    return total.index_add_(0, key_S, grad_SO.float())[:num_groups].to(dtype)
 
 
-def _relu_grad(grad_SN, y_SN):
+def _relu_grad(grad_SO, y_SO):
     # ReLU'(pre-activation) is 1 exactly where the output is > 0
-    return torch.where(y_SN > 0, grad_SN, 0)
+    return torch.where(y_SO > 0, grad_SO, 0)
 
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_SK, weight_GKN, bias_GN, grouping, relu):
-        x_SK = x_SK.contiguous()
-        y_SN = grouped_linear(x_SK, weight_GKN, bias_GN, grouping, relu)
-        ctx.save_for_backward(x_SK, weight_GKN, y_SN if relu else None)
-        ctx.grouping, ctx.relu, ctx.has_bias = grouping, relu, bias_GN is not None
-        ctx.bias_dtype = None if bias_GN is None else bias_GN.dtype
-        return y_SN
+    def forward(ctx, x_SI, weight_GIO, bias_GO, grouping, relu):
+        x_SI = x_SI.contiguous()
+        y_SO = grouped_linear(x_SI, weight_GIO, bias_GO, grouping, relu)
+        ctx.save_for_backward(x_SI, weight_GIO, y_SO if relu else None)
+        ctx.grouping, ctx.relu, ctx.has_bias = grouping, relu, bias_GO is not None
+        ctx.bias_dtype = None if bias_GO is None else bias_GO.dtype
+        return y_SO
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_SN):
-        x_SK, weight_GKN, y_SN = ctx.saved_tensors
+    def backward(ctx, grad_SO):
+        x_SI, weight_GIO, y_SO = ctx.saved_tensors
         grouping = ctx.grouping
-        grad_SN = grad_SN.to(x_SK.dtype).contiguous()
+        grad_SO = grad_SO.to(x_SI.dtype).contiguous()
         if ctx.relu:
-            grad_SN = _relu_grad(grad_SN, y_SN)
+            grad_SO = _relu_grad(grad_SO, y_SO)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grouped_linear(grad_SN, weight_GKN, None, grouping, False, transpose=True)
+            grad_x = grouped_linear(grad_SO, weight_GIO, None, grouping, False, transpose=True)
         if ctx.needs_input_grad[1]:
-            grad_w = grouped_wgrad(x_SK, grad_SN, grouping, weight_GKN.dtype)
+            grad_w = grouped_wgrad(x_SI, grad_SO, grouping, weight_GIO.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = _bias_grad(grad_SN, grouping.key_S, grouping.num_groups, ctx.bias_dtype)
+            grad_b = _bias_grad(grad_SO, grouping.key_S, grouping.num_groups, ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -384,46 +388,46 @@ COMPILABLE = _custom_op is not None and hasattr(torch.library, "register_autogra
 
 if COMPILABLE:
     @_custom_op("fairseq_smoe::grouped_linear", mutates_args=())
-    def _linear_op(x_SK: torch.Tensor, weight_GKN: torch.Tensor, bias_GN: Optional[torch.Tensor],
+    def _linear_op(x_SI: torch.Tensor, weight_GIO: torch.Tensor, bias_GO: Optional[torch.Tensor],
                    counts_G: torch.Tensor, offs_G: torch.Tensor, key_S: torch.Tensor, relu: bool,
                    transpose: bool) -> torch.Tensor:
-        return _linear(x_SK, weight_GKN, bias_GN, counts_G, offs_G, relu, transpose)
+        return _linear(x_SI, weight_GIO, bias_GO, counts_G, offs_G, relu, transpose)
 
     @_linear_op.register_fake
-    def _(x_SK, weight_GKN, bias_GN, counts_G, offs_G, key_S, relu, transpose):
-        N = weight_GKN.shape[1] if transpose else weight_GKN.shape[2]
-        return x_SK.new_empty(x_SK.shape[0], N)
+    def _(x_SI, weight_GIO, bias_GO, counts_G, offs_G, key_S, relu, transpose):
+        N = weight_GIO.shape[1] if transpose else weight_GIO.shape[2]
+        return x_SI.new_empty(x_SI.shape[0], N)
 
     @_custom_op("fairseq_smoe::grouped_wgrad", mutates_args=())
-    def _wgrad_op(x_SK: torch.Tensor, grad_SN: torch.Tensor, offs_G: torch.Tensor,
+    def _wgrad_op(x_SI: torch.Tensor, grad_SO: torch.Tensor, offs_G: torch.Tensor,
                   out_dtype: torch.dtype) -> torch.Tensor:
-        return _wgrad(x_SK, grad_SN, offs_G, out_dtype)
+        return _wgrad(x_SI, grad_SO, offs_G, out_dtype)
 
     @_wgrad_op.register_fake
-    def _(x_SK, grad_SN, offs_G, out_dtype):
-        return x_SK.new_empty(offs_G.shape[0], x_SK.shape[1], grad_SN.shape[1], dtype=out_dtype)
+    def _(x_SI, grad_SO, offs_G, out_dtype):
+        return x_SI.new_empty(offs_G.shape[0], x_SI.shape[1], grad_SO.shape[1], dtype=out_dtype)
 
     def _linear_op_setup(ctx, inputs, output):
-        x_SK, weight_GKN, bias_GN, counts_G, offs_G, key_S, relu, transpose = inputs
-        ctx.save_for_backward(x_SK, weight_GKN, output if relu else None, counts_G, offs_G, key_S)
+        x_SI, weight_GIO, bias_GO, counts_G, offs_G, key_S, relu, transpose = inputs
+        ctx.save_for_backward(x_SI, weight_GIO, output if relu else None, counts_G, offs_G, key_S)
         ctx.relu, ctx.transpose = relu, transpose
-        ctx.bias_dtype = None if bias_GN is None else bias_GN.dtype
+        ctx.bias_dtype = None if bias_GO is None else bias_GO.dtype
 
-    def _linear_op_backward(ctx, grad_SN):
-        x_SK, weight_GKN, y_SN, counts_G, offs_G, key_S = ctx.saved_tensors
+    def _linear_op_backward(ctx, grad_SO):
+        x_SI, weight_GIO, y_SO, counts_G, offs_G, key_S = ctx.saved_tensors
         if ctx.transpose:
             raise RuntimeError("fairseq_smoe::grouped_linear: no gradient for transpose=True "
                                "(the input gradient's own product)")
-        grad_SN = grad_SN.to(x_SK.dtype).contiguous()
+        grad_SO = grad_SO.to(x_SI.dtype).contiguous()
         if ctx.relu:
-            grad_SN = _relu_grad(grad_SN, y_SN)
+            grad_SO = _relu_grad(grad_SO, y_SO)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _linear_op(grad_SN, weight_GKN, None, counts_G, offs_G, key_S, False, True)
+            grad_x = _linear_op(grad_SO, weight_GIO, None, counts_G, offs_G, key_S, False, True)
         if ctx.needs_input_grad[1]:
-            grad_w = _wgrad_op(x_SK, grad_SN, offs_G, weight_GKN.dtype)
+            grad_w = _wgrad_op(x_SI, grad_SO, offs_G, weight_GIO.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = _bias_grad(grad_SN, key_S, offs_G.shape[0], ctx.bias_dtype)
+            grad_b = _bias_grad(grad_SO, key_S, offs_G.shape[0], ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
     _linear_op.register_autograd(_linear_op_backward, setup_context=_linear_op_setup)
