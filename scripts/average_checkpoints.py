@@ -27,16 +27,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fairseq_smoe.compat.checkpoint_safety import MOE_OPTIONS_KEY  # noqa: E402
-from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY  # noqa: E402
-from fairseq_smoe.tools.checkpoint_files import (  # noqa: E402
+from fairseq_smoe.checkpoint_files import (  # noqa: E402
     Refused,
     check_not_an_input,
-    check_writable,
+    check_outputs_writable,
     load_file,
     output_files,
     write_all,
 )
+from fairseq_smoe.compat.checkpoint_safety import MOE_OPTIONS_KEY  # noqa: E402
+from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY  # noqa: E402
 
 # Options that change how the model runs, not what it computes: one run may be resumed with
 # another value, and its checkpoints still average.
@@ -107,7 +107,7 @@ def average(inputs: list, output: str, force: bool = False) -> dict:
             raise Refused(f"{path} not found")
     outputs = output_files(output, 1)
     check_not_an_input(outputs, inputs)
-    check_writable(outputs, force)
+    check_outputs_writable(outputs, force)
     sums, first_model, first_options, state = None, None, None, None
     for path in inputs:
         state = load_file(path, "average_checkpoints")

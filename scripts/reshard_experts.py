@@ -25,20 +25,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fairseq_smoe.distributed.checkpoints import (  # noqa: E402
-    SHARD_META_KEY,
-    base_path,
-    load_for_this_process,
-    select_expert_shard,
-    shard_path,
-)
-from fairseq_smoe.tools.checkpoint_files import (  # noqa: E402
+from fairseq_smoe.checkpoint_files import (  # noqa: E402
     Refused,
+    base_path,
     check_not_an_input,
-    check_writable,
+    check_outputs_writable,
     load_file,
     output_files,
+    shard_path,
     write_all,
+)
+from fairseq_smoe.distributed.checkpoints import (  # noqa: E402
+    SHARD_META_KEY,
+    load_for_this_process,
+    select_expert_shard,
 )
 
 
@@ -55,7 +55,7 @@ def reshard(checkpoint: str, workers: int, output: str, force: bool = False) -> 
         raise Refused(f"{source} not found (give the worker-0 file, NAME.pt)")
     outputs = output_files(output, workers)
     check_not_an_input(outputs, [source])
-    check_writable(outputs, force)
+    check_outputs_writable(outputs, force)
     first = read(source)
     meta = first.get(SHARD_META_KEY)
     if meta is None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-from fairseq_smoe.compat.checkpoint_safety import atomic_torch_save, verify_and_strip
+from fairseq_smoe.checkpoint_files import atomic_torch_save, verify_and_strip
 from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import load_script
 
-from fairseq_smoe.compat.checkpoint_safety import CHECKSUM_KEY, add_checksum, verify_and_strip
+from fairseq_smoe.checkpoint_files import CHECKSUM_KEY, add_checksum, verify_and_strip
 from fairseq_smoe.distributed.checkpoints import (
     SHARD_META_KEY,
     base_path,

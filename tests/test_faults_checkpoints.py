@@ -26,8 +26,8 @@ from conftest import ROOT
 from test_expert_parallel_checkpoints import full_state, plan
 from test_lm_e2e import BIN, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
 
+from fairseq_smoe.checkpoint_files import CHECKSUM_KEY
 from fairseq_smoe.compat import checkpoint_safety, install_all
-from fairseq_smoe.compat.checkpoint_safety import CHECKSUM_KEY
 from fairseq_smoe.distributed.checkpoints import (
     last_consistent_checkpoint,
     load_for_this_process,
@@ -204,7 +204,7 @@ def test_checksum_catches_a_flipped_byte(tmp_path, monkeypatch):
 def test_file_without_checksum_loads_as_before(tmp_path, caplog):
     path = tmp_path / "old.pt"
     torch.save(fairseq_state(), path)  # as fairseq without the plugin (or another tool) wrote it
-    with caplog.at_level("INFO", logger="fairseq_smoe.compat.checkpoint_safety"):
+    with caplog.at_level("INFO", logger="fairseq_smoe.checkpoint_files"):
         got = load(path)
     torch.testing.assert_close(got["model"]["decoder.half"], fairseq_state()["model"]["decoder.half"],
                                rtol=0, atol=0)
@@ -669,7 +669,7 @@ def test_a_save_folder_that_refuses_writes_or_room_is_one_line(tmp_path, monkeyp
     import shutil
     from collections import namedtuple
 
-    from fairseq_smoe.compat.checkpoint_safety import atomic_write, check_save_dir, check_writable
+    from fairseq_smoe.checkpoint_files import atomic_write, check_save_dir, check_writable_dir
 
     real_open = open
 
@@ -680,7 +680,7 @@ def test_a_save_folder_that_refuses_writes_or_room_is_one_line(tmp_path, monkeyp
 
     monkeypatch.setattr("builtins.open", read_only)
     with pytest.raises(ValueError, match=r"--tensorboard-logdir .*: cannot write there \(Read-only file"):
-        check_writable(str(tmp_path / "tb"), "--tensorboard-logdir")
+        check_writable_dir(str(tmp_path / "tb"), "--tensorboard-logdir")
     monkeypatch.setattr("builtins.open", real_open)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 1 << 20))

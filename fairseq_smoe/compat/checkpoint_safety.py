@@ -38,312 +38,32 @@ fairseq 0.12's ``checkpoint_utils``:
 """
 
 import argparse
-import errno
 import functools
 import logging
 import os
-import re
-import shutil
-import zlib
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
+from ..checkpoint_files import (
+    _enabled,
+    add_checksum,
+    atomic_copy,
+    atomic_write,
+    base_path,
+    check_save_dir,
+    check_writable_dir,
+    file_name,
+    numbered_checkpoints,
+    peek,
+    use_another,
+    verify_and_strip,
+)
+
 logger = logging.getLogger(__name__)
 
-CHECKSUM_KEY = "moe_checksum"
-_CHECKED_SECTIONS = ("model", "criterion", "last_optimizer_state")
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
-_NUMBERED_RE = re.compile(r"checkpoint(?:(\d+)|_(\d+)_(\d+))\.pt")
 _NOT_DAMAGE = (ImportError, AttributeError, MemoryError)  # environment problems, not the file's
-_COPY_CHUNK = 16 << 20
-
-
-def _enabled(name: str) -> bool:
-    return os.environ.get(name, "1") not in ("0", "false", "no", "off")
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _temp_name(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temps(path: str) -> None:
-    """``NAME.tmp-PID`` files of writers that died (their PID no longer runs here)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    prefix = name + ".tmp-"
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return
-    for entry in entries:
-        pid = entry[len(prefix):]
-        if not (entry.startswith(prefix) and pid.isdigit()) or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        try:
-            os.remove(os.path.join(directory, entry))
-        except OSError:
-            pass
-
-
-_WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-_NEARLY_FULL = 16 << 20
-
-
-def free_bytes(directory: str) -> Optional[int]:
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return None
-
-
-def cannot_write(directory: str, error: OSError, what: str) -> str:
-    """The one line for a checkpoint folder that refuses a write (full, read-only, no rights)."""
-    free = free_bytes(directory)
-    space = f"; {free / 2**30:.2f} GiB free there" if free is not None else ""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space there or give --save-dir on a disk with room"
-    else:
-        fix = "give --save-dir a folder this process may write"
-    return f"cannot write in {directory} ({os.strerror(error.errno)}{space}): {what}; {fix}"
-
-
-def check_writable(directory: str, option: str) -> None:
-    """``directory`` exists or can be made, and this process can write in it (a probe file)."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".smoe-write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"0")
-        os.remove(probe)
-    except OSError as error:
-        if error.errno in _WRITE_FAULTS + (errno.ENOTDIR, errno.EEXIST):
-            raise ValueError(f"{option} {directory}: cannot write there "
-                             f"({os.strerror(error.errno)}); nothing was trained or written. Give "
-                             f"{option} a folder this process may write") from None
-        raise
-
-
-def check_save_dir(save_dir: str, needed: int) -> None:
-    """Before training: the save folder can be written and has room for about one checkpoint
-    (``needed`` bytes; a save writes a temporary file before it replaces the old one)."""
-    check_writable(save_dir, "--save-dir")
-    free = free_bytes(save_dir)
-    if free is not None and free < needed:
-        raise ValueError(f"--save-dir {save_dir} has {free / 2**30:.2f} GiB free, and one checkpoint "
-                         f"of this model needs about {needed / 2**30:.2f} GiB (weights and optimizer "
-                         f"state); nothing was trained or written. Free some space or give --save-dir "
-                         f"on a disk with room (or --no-save)")
-
-
-def atomic_write(path: str, write: Callable) -> None:
-    """``write(file)`` fills ``path`` as it appears all at once: temp name, fsync, rename."""
-    path = os.path.abspath(path)
-    temp = _temp_name(path)
-    try:
-        with open(temp, "wb") as f:
-            write(f)
-            f.flush()
-            if _enabled("SMOE_CHECKPOINT_FSYNC"):
-                os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException as error:
-        # torch.save reports a full disk as a RuntimeError ("file write failed"): judged by the
-        # space left while the partial file still holds it.
-        full = isinstance(error, RuntimeError) and "write" in str(error) \
-            and (free_bytes(os.path.dirname(path)) or 0) < _NEARLY_FULL
-        try:
-            os.remove(temp)
-        except OSError:
-            pass
-        if full:
-            error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if isinstance(error, OSError) and error.errno in _WRITE_FAULTS:
-            raise ValueError(cannot_write(os.path.dirname(path), error,
-                                          f"{os.path.basename(path)} was not written (the file "
-                                          f"there, if any, is the previous save, whole)")) from None
-        raise
-    if _enabled("SMOE_CHECKPOINT_FSYNC"):
-        _fsync_directory(os.path.dirname(path))
-    _remove_stale_temps(path)
-
-
-def atomic_copy(src: str, dst: str) -> None:
-    def write(out):
-        with open(src, "rb") as source:
-            shutil.copyfileobj(source, out, _COPY_CHUNK)
-
-    atomic_write(dst, write)
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` that never leaves a partial file; adds the checksum (for scripts)."""
-    add_checksum(obj)
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-# ---------------------------------------------------------------------------------------------
-# Checksums of the tensors: model, criterion, optimizer state
-
-
-def _tensor_bytes(tensor):
-    """The tensor's bytes as a buffer (contiguous CPU copy only when needed); None if it has none."""
-    if tensor.is_sparse or tensor.is_quantized:
-        return None
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    tensor = tensor.contiguous().reshape(-1)
-    if tensor.numel() == 0:
-        return b""
-    return tensor.view(torch.uint8).numpy()
-
-
-def _crc32(tensor) -> Optional[int]:
-    data = _tensor_bytes(tensor)
-    return None if data is None else zlib.crc32(data)
-
-
-def checked_tensors(state: dict) -> dict:
-    """``{name: tensor}`` of what the checksum covers: ``model.<key>`` for the model's state
-    dict, ``criterion.<key>``, and ``last_optimizer_state.<path>`` (e.g. ``...state.3.exp_avg``)."""
-    found = {}
-
-    def walk(value, name):
-        if torch.is_tensor(value):
-            found[name] = value
-        elif isinstance(value, Mapping):
-            for key, item in value.items():
-                walk(item, f"{name}.{key}")
-        elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                walk(item, f"{name}.{index}")
-
-    for section in _CHECKED_SECTIONS:
-        if state.get(section) is not None:
-            walk(state[section], section)
-    return found
-
-
-def tensor_checksums(tensors: Mapping, threads: Optional[int] = None) -> dict:
-    """``{name: CRC32 of the tensor's bytes}``. zlib releases the GIL: tensors in parallel."""
-    names = list(tensors)
-    threads = threads or min(8, os.cpu_count() or 1)
-    if threads > 1 and len(names) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            sums = list(pool.map(lambda n: _crc32(tensors[n]), names))
-    else:
-        sums = [_crc32(tensors[n]) for n in names]
-    return {n: s for n, s in zip(names, sums) if s is not None}
-
-
-def add_checksum(state) -> None:
-    """Store the checksum of ``state``'s tensors in it (fairseq-like checkpoints only)."""
-    if (_enabled("SMOE_CHECKPOINT_CHECKSUM") and isinstance(state, dict)
-            and isinstance(state.get("model"), Mapping)):
-        state.pop(CHECKSUM_KEY, None)
-        state[CHECKSUM_KEY] = {"algorithm": "crc32",
-                               "tensors": tensor_checksums(checked_tensors(state))}
-
-
-def damaged_tensors(state: dict, record: dict) -> List[str]:
-    """Names whose bytes differ from ``record`` (or that are missing)."""
-    expected = record["tensors"]
-    tensors = checked_tensors(state)
-    now = tensor_checksums({n: tensors[n] for n in expected if n in tensors})
-    return [n for n in expected if now.get(n) != expected[n]]
-
-
-def verify_and_strip(state, path: str) -> None:
-    """Check ``state`` against the checksum saved in it (ValueError naming the file), then drop
-    the checksum, so that nothing downstream carries it into a changed state."""
-    if not isinstance(state, dict):
-        return
-    record = state.pop(CHECKSUM_KEY, None)
-    if not isinstance(state.get("model"), Mapping) or not _enabled("SMOE_CHECKPOINT_CHECKSUM"):
-        return
-    if record is None:
-        logger.info(f"{path}: no checksum (saved without fairseq-smoe's checkpoint_safety); "
-                    f"not verified")
-        return
-    if not isinstance(record, dict) or record.get("algorithm") != "crc32":
-        logger.warning(f"{path}: unknown checksum {type(record).__name__}; not verified")
-        return
-    bad = damaged_tensors(state, record)
-    if bad:
-        raise ValueError(
-            f"{path} is damaged: {len(bad)} of its {len(record['tensors'])} tensors differ from "
-            f"the checksum saved with them ({bad[0]}{', ...' if len(bad) > 1 else ''}). "
-            f"{_use_another(path)}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Which checkpoints a directory holds
-
-
-def numbered_checkpoints(directory: str) -> List[str]:
-    """fairseq's numbered checkpoints in ``directory`` (``checkpointE.pt``, end of epoch E, and
-    ``checkpoint_E_U.pt``, update U within epoch E), newest first, as paths."""
-    try:
-        names = os.listdir(directory or ".")
-    except OSError:
-        return []
-    order = []
-    for name in names:
-        match = _NUMBERED_RE.fullmatch(name)
-        if match:
-            epoch_end, epoch, updates = match.groups()
-            key = (int(epoch_end), 1, 0) if epoch_end else (int(epoch), 0, int(updates))
-            order.append((key, name))
-    return [os.path.join(directory, name) for _, name in sorted(order, reverse=True)]
-
-
-def _use_another(path: str) -> str:
-    """The fix for an unusable checkpoint file: another checkpoint of the same directory."""
-    from ..distributed.checkpoints import base_path
-
-    directory = os.path.dirname(path)
-    unusable = os.path.abspath(base_path(path))
-    others = numbered_checkpoints(directory) + [os.path.join(directory, n) for n in
-                                                ("checkpoint_last.pt", "checkpoint_best.pt")]
-    others = [p for p in others if os.path.abspath(p) != unusable and os.path.isfile(p)]
-    example = (f", e.g. {others[0]} (fairseq-train --restore-file {others[0]}, or --path "
-               f"{others[0]})") if others else ""
-    return f"Restore it from a copy or use another checkpoint{example}."
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def _file_name(f) -> str:
-    name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
-    return os.fspath(name) if isinstance(name, (str, os.PathLike)) else "<checkpoint>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,11 +164,9 @@ def check_model_overrides(arg_overrides, filenames) -> None:
                       and key not in OVERRIDABLE_MOE_OPTIONS)
     if not changing:
         return
-    from ..distributed.checkpoints import _peek
-
     trained = {}
     for path in filenames:
-        state = _peek(path) or {}
+        state = peek(path) or {}
         model_cfg = _model_cfg(state)
         if model_cfg is not None:
             trained = _options(model_cfg)
@@ -465,7 +183,7 @@ def _verified_load(load):
     """checkpoint_utils' ``torch.load``: one clear error for an unreadable file; checksum check."""
     @functools.wraps(load)
     def verified_load(f, *args, **kwargs):
-        path = _file_name(f)
+        path = file_name(f)
         try:
             state = load(f, *args, **kwargs)
         except _NOT_DAMAGE:
@@ -476,7 +194,7 @@ def _verified_load(load):
             raise ValueError(
                 f"cannot read checkpoint {path}: the file is truncated or damaged "
                 f"({type(error).__name__}{': ' + detail if detail else ''}). "
-                f"{_use_another(path)}") from None
+                f"{use_another(path)}") from None
         verify_and_strip(state, path)
         if isinstance(state, dict):
             restore_moe_options(state, path)
@@ -500,8 +218,6 @@ def _checkpoints_listing(directory: str) -> str:
 def check_restore_file(cfg, suffix: Optional[str], exists: Callable[[str], bool]) -> None:
     """Stop before anything is loaded or written when an explicit ``--restore-file`` (or
     ``--finetune-from-model``) names no file. ``suffix``: the trainer's checkpoint suffix."""
-    from ..distributed.checkpoints import base_path
-
     restore, save_dir = cfg.restore_file, cfg.save_dir
     default_last = os.path.join(save_dir, f"checkpoint_last{suffix or ''}.pt")
     if restore == DEFAULT_RESTORE_FILE:
@@ -531,8 +247,6 @@ def check_restore_file(cfg, suffix: Optional[str], exists: Callable[[str], bool]
 
 
 def _check_model_paths(filenames, suffix: str, exists: Callable[[str], bool]) -> None:
-    from ..distributed.checkpoints import base_path
-
     for filename in filenames:
         read = filename.replace(".pt", suffix + ".pt") if suffix else filename
         if not (exists(read) or exists(read[:-3] + "-shard0.pt") or exists(base_path(read))):
@@ -591,9 +305,7 @@ def _continue_batching(loaded, path: str, trainer) -> None:
     itr_state = (extra_state or {}).get("train_iterator")
     if not isinstance(itr_state, dict) or not itr_state.get("iterations_in_epoch"):
         return
-    from ..distributed.checkpoints import _peek, base_path
-
-    saved = _peek(base_path(path))
+    saved = peek(base_path(path))
     position, message = rescale_for_batching(itr_state["iterations_in_epoch"],
                                              (saved or {}).get("cfg"), trainer.cfg)
     if message is None:
@@ -651,7 +363,7 @@ def install() -> None:
             lock_save_dir(cfg.save_dir)
         logdir = getattr(getattr(trainer.cfg, "common", None), "tensorboard_logdir", None)
         if logdir and getattr(trainer, "data_parallel_rank", 0) == 0:
-            check_writable(logdir, "--tensorboard-logdir")
+            check_writable_dir(logdir, "--tensorboard-logdir")
         read_from = []
         trainer_load = trainer.load_checkpoint
 

@@ -21,13 +21,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..distributed.checkpoints import (
-    SHARD_META_KEY,
-    base_path,
-    expert_plan,
-    load_for_this_process,
-    shard_suffix,
-)
+from ..checkpoint_files import base_path, shard_suffix
+from ..distributed.checkpoints import SHARD_META_KEY, expert_plan, load_for_this_process
 
 logger = logging.getLogger(__name__)
 

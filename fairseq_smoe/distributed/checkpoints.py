@@ -29,40 +29,17 @@ are compared by progress alone.
 
 import logging
 import os
-import re
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..compat.checkpoint_safety import CHECKSUM_KEY, numbered_checkpoints
+from ..checkpoint_files import CHECKSUM_KEY, base_path, numbered_checkpoints, peek, shard_path
 from .data_position import continue_data_position, current_world_size, saved_world_size
 
 logger = logging.getLogger(__name__)
 
 SHARD_META_KEY = "moe_expert_shards"
-_SHARD_SUFFIX = "-expert-shard{}"
-_SHARD_SUFFIX_RE = re.compile(r"-expert-shard(\d+)(\.pt)$")
-
-
-def shard_suffix(rank: int) -> str:
-    """fairseq ``checkpoint_suffix`` of worker ``rank`` (worker 0 keeps the plain names)."""
-    return "" if rank == 0 else _SHARD_SUFFIX.format(rank)
-
-
-def shard_path(base_path: str, rank: int) -> str:
-    """``checkpoint_best.pt`` → ``checkpoint_best-expert-shard{rank}.pt`` (rank 0: unchanged)."""
-    if rank == 0:
-        return base_path
-    root, ext = os.path.splitext(base_path)
-    return root + shard_suffix(rank) + ext
-
-
-def base_path(path: str) -> str:
-    """The worker-0 file of a shard file name (other names unchanged)."""
-    return _SHARD_SUFFIX_RE.sub(r"\2", path)
-
-
 # ---------------------------------------------------------------------------------------------
 # What is sharded in a model
 
@@ -228,7 +205,7 @@ def load_for_this_process(path: str, load_one: Callable[[str], dict],
             for rank in range(1, saved_world):
                 other = shard_path(base, rank)
                 _require_file(other, base, saved_world)
-                peer = _peek(other)
+                peer = peek(other)
                 if peer is not None and not _same_save(peer, state):
                     raise ValueError(_different_saves(other, base, peer, state, saved_world))
             return state
@@ -265,20 +242,12 @@ def _require_file(path: str, base: str, world_size: int) -> None:
 # After a worker died during a save
 
 
-def _peek(path: str) -> Optional[dict]:
-    """A checkpoint's metadata without reading its tensors (memory-mapped); None if unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # trusted
-    except Exception:  # damaged, truncated, or not in torch's zip format
-        return None
-
-
 def consistent_save(base: str, world_size: int) -> bool:
     """Whether all ``world_size`` files of checkpoint ``base`` exist and come from one save."""
     states = []
     for rank in range(world_size):
         path = shard_path(base, rank)
-        state = _peek(path) if os.path.isfile(path) else None
+        state = peek(path) if os.path.isfile(path) else None
         meta = (state or {}).get(SHARD_META_KEY) or {}
         if meta.get("rank") != rank or meta.get("world_size") != world_size:
             return False

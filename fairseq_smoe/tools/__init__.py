@@ -1,1 +1,0 @@
-"""Helpers of the command-line tools in scripts/ (no fairseq import)."""
