@@ -122,7 +122,8 @@ print(json.dumps({
     "CLI_ERRORS": getattr(sys.excepthook, "_smoe", False),
     "BF16_CUDA": getattr(sys.modules["fairseq_cli.train"].convert_namespace_to_omegaconf,
                          "_smoe_bf16_cuda", False),
-    "PATIENCE_RESUME": getattr(Trainer, "_smoe_patience_resume", False),
+    "PATIENCE_RESUME": "PATIENCE_RESUME" in __import__(
+        "fairseq_smoe.compat.trainer_checkpoint", fromlist=["_"])._load_after,
     "INTERACTIVE_INPUT": sys.modules["fairseq_cli.interactive"].buffered_read.__module__.startswith(
         "fairseq_smoe"),
 }))

@@ -7,6 +7,9 @@ models, criteria, lr scheduler and optimizer with fairseq. fairseq calls it itse
 ``fairseq_smoe.compat.install_all()`` (or imports ``fairseq_smoe.models``) before it.
 ``fairseq_smoe.modules`` (the layer) never imports this package.
 
+The trainer's own checkpoint methods are wrapped once (``trainer_checkpoint.py``); the patches
+that act around them register hooks there, in the order its ``ORDER`` table gives.
+
 Each patch is switched off with ``SMOE_PATCH_<NAME>=0`` (also ``false``/``no``/``off``); the
 table with what each one changes and why is docs/compat.md. The patches apply to the whole
 process once installed, i.e. to every model fairseq trains in it, not only ours.

@@ -296,6 +296,9 @@ class _AtomicCopyPathManager:
         return True
 
 
+_read_from = {}  # id(trainer) -> the file its last load_checkpoint read (set by a trainer hook)
+
+
 def _continue_batching(loaded, path: str, trainer) -> None:
     """A resume with other batch sizes than the saved run's: move the data position so the
     tokens done stay the same, or warn (distributed.data_position.rescale_for_batching)."""
@@ -364,14 +367,7 @@ def install() -> None:
         logdir = getattr(getattr(trainer.cfg, "common", None), "tensorboard_logdir", None)
         if logdir and getattr(trainer, "data_parallel_rank", 0) == 0:
             check_writable_dir(logdir, "--tensorboard-logdir")
-        read_from = []
-        trainer_load = trainer.load_checkpoint
-
-        def noting_load(filename, *args, **kwargs):  # the file fairseq chose to resume from
-            read_from.append(filename)
-            return trainer_load(filename, *args, **kwargs)
-
-        trainer.load_checkpoint = noting_load
+        _read_from.pop(id(trainer), None)
         try:
             loaded = load_checkpoint(cfg, trainer, **passthrough_args)
         except ValueError as error:
@@ -381,14 +377,20 @@ def install() -> None:
             # checkpoint from before the hierarchical layer stacked its secondary gates'
             # weights (the model converts on load; Adam's moments cannot).
             raise ValueError(OPTIMIZER_STATE_MISFITS) from None
-        finally:
-            del trainer.load_checkpoint  # the class's method again
         check_optimizer_state_fits(cfg, trainer.model)
+        read_from = _read_from.pop(id(trainer), None)
         if read_from and not getattr(cfg, "reset_dataloader", False):
-            _continue_batching(loaded, read_from[-1], trainer)
+            _continue_batching(loaded, read_from, trainer)
         return loaded
 
     checkpoint_utils.load_checkpoint = checked_load_checkpoint
+
+    def note_file(trainer, filename, extra_state, options):  # the file fairseq resumed from
+        _read_from[id(trainer)] = filename
+
+    from .trainer_checkpoint import add_hooks
+
+    add_hooks("CHECKPOINT_SAFETY", load_after=note_file)
 
     load_ensemble = checkpoint_utils.load_model_ensemble_and_task
 

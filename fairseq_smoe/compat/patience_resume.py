@@ -56,29 +56,16 @@ def restore_patience(state, checkpoint_cfg, reset_optimizer, reset_meters) -> bo
 
 
 def install() -> None:
-    """Wrap ``Trainer.save_checkpoint`` and ``Trainer.load_checkpoint``. Idempotent."""
-    from fairseq.trainer import Trainer
+    """Hooks on the trainer's save and load (compat.trainer_checkpoint). Idempotent."""
+    from .trainer_checkpoint import add_hooks
 
-    if getattr(Trainer, "_smoe_patience_resume", False):
-        return
-    Trainer._smoe_patience_resume = True
-    save_checkpoint = Trainer.save_checkpoint
-    load_checkpoint = Trainer.load_checkpoint
+    def save_before(trainer, extra_state):
+        state = patience_state(trainer.cfg.checkpoint)
+        return extra_state if state is None else dict(extra_state, **{STATE_KEY: state})
 
-    def trainer_save_checkpoint(self, filename, extra_state):
-        state = patience_state(self.cfg.checkpoint)
-        if state is not None:
-            extra_state = dict(extra_state, **{STATE_KEY: state})
-        return save_checkpoint(self, filename, extra_state)
-
-    def trainer_load_checkpoint(self, filename, reset_optimizer=False, reset_lr_scheduler=False,
-                                optimizer_overrides=None, reset_meters=False):
-        extra_state = load_checkpoint(self, filename, reset_optimizer, reset_lr_scheduler,
-                                      optimizer_overrides, reset_meters=reset_meters)
+    def load_after(trainer, filename, extra_state, options):
         if extra_state is not None:
-            restore_patience(extra_state.get(STATE_KEY), self.cfg.checkpoint, reset_optimizer,
-                             reset_meters)
-        return extra_state
+            restore_patience(extra_state.get(STATE_KEY), trainer.cfg.checkpoint,
+                             options["reset_optimizer"], options["reset_meters"])
 
-    Trainer.save_checkpoint = trainer_save_checkpoint
-    Trainer.load_checkpoint = trainer_load_checkpoint
+    add_hooks("PATIENCE_RESUME", load_after=load_after, save_before=save_before)

@@ -106,7 +106,6 @@ def install() -> None:
     should_save = Trainer.should_save_checkpoint_on_current_rank
     suffix = Trainer.checkpoint_suffix
     state_dict = Trainer.state_dict
-    load_checkpoint = Trainer.load_checkpoint
 
     def should_save_checkpoint_on_current_rank(self):
         return _is_sharded(self._model) or should_save.fget(self)
@@ -123,21 +122,23 @@ def install() -> None:
             state[SHARD_META_KEY] = current_plan()
         return state
 
-    def trainer_load_checkpoint(self, filename, *args, **kwargs):
-        if _is_sharded(self._model):
+    def load_before(trainer, filename):
+        if _is_sharded(trainer._model):
             from omegaconf import open_dict
 
             # Every worker reads what it needs (its own experts), instead of worker 0's
             # state being broadcast to all.
-            with open_dict(self.cfg.checkpoint):
-                self.cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
+            with open_dict(trainer.cfg.checkpoint):
+                trainer.cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
             filename = base_path(filename)
-        return load_checkpoint(self, filename, *args, **kwargs)
+        return filename
 
     Trainer.should_save_checkpoint_on_current_rank = property(should_save_checkpoint_on_current_rank)
     Trainer.checkpoint_suffix = property(checkpoint_suffix)
     Trainer.state_dict = trainer_state_dict
-    Trainer.load_checkpoint = trainer_load_checkpoint
+    from .trainer_checkpoint import add_hooks
+
+    add_hooks("EXPERT_PARALLEL", load_before=load_before)
 
     load_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
 
