@@ -127,18 +127,19 @@ class LSTMMoETranslationEncoder(FairseqEncoder):
     """``layers`` residual LSTM layers with a residual MoE before the last one (paper: 3 layers,
     MoE between layers 2 and 3). Output: encoder states [B, S, D], padded like the input."""
 
-    def __init__(self, args, dictionary, embed_tokens: nn.Embedding):
+    def __init__(self, dictionary, embed_tokens: nn.Embedding, hidden_size: int, num_layers: int,
+                 bidirectional: bool, moe: Optional[nn.Module], dropout: float,
+                 max_source_positions: int):
         super().__init__(dictionary)
         dim = embed_tokens.embedding_dim
-        hidden = args.encoder_hidden_size
-        num_layers = args.encoder_layers
+        hidden = hidden_size
         _check(num_layers >= 2, f"--encoder-layers must be >= 2 (the MoE sits before the last "
                                 f"layer); got {num_layers}")
         self.padding_idx = dictionary.pad()
         self.embed_tokens = embed_tokens
-        self.dropout = nn.Dropout(args.dropout)
-        self.max_source_positions = args.max_source_positions
-        self.bidirectional = bool(args.encoder_bidirectional)
+        self.dropout = nn.Dropout(dropout)
+        self.max_source_positions = max_source_positions
+        self.bidirectional = bool(bidirectional)
         layers = []
         for layer in range(num_layers):
             if layer == 0 and self.bidirectional:
@@ -153,8 +154,18 @@ class LSTMMoETranslationEncoder(FairseqEncoder):
             layers.append(lstm)
         self.layers = nn.ModuleList(layers)
         self.moe_position = num_layers - 1  # the MoE runs before this layer
-        moe = build_moe_layer(args, dim)
-        self.moe = ResidualMoE(moe, args.dropout) if moe is not None else None
+        self.moe = ResidualMoE(moe, dropout) if moe is not None else None
+
+    @classmethod
+    def from_args(cls, args, dictionary, embed_tokens: nn.Embedding):
+        """The options of ``args`` (after ``base_architecture``) as the keyword arguments."""
+        return cls(dictionary, embed_tokens,
+                   hidden_size=args.encoder_hidden_size,
+                   num_layers=args.encoder_layers,
+                   bidirectional=args.encoder_bidirectional,
+                   moe=build_moe_layer(args, embed_tokens.embedding_dim),
+                   dropout=args.dropout,
+                   max_source_positions=args.max_source_positions)
 
     def forward(self, src_tokens: torch.Tensor, src_lengths: Optional[torch.Tensor] = None, **kwargs):
         # The LSTMs run on right padding; fairseq's translation task left-pads sources by
@@ -201,31 +212,44 @@ class LSTMMoETranslationDecoder(FairseqIncrementalDecoder):
     """``layers`` residual LSTM layers; the first produces the attention query, a residual MoE
     follows it, and the attention context is fed to every later layer (paper: 2 layers)."""
 
-    def __init__(self, args, dictionary, embed_tokens: nn.Embedding, encoder_dim: int):
+    def __init__(self, dictionary, embed_tokens: nn.Embedding, encoder_dim: int, hidden_size: int,
+                 num_layers: int, attention_dim: int, attention_type: str,
+                 moe: Optional[nn.Module], dropout: float, share_input_output_embed: bool,
+                 max_target_positions: int):
         super().__init__(dictionary)
         dim = embed_tokens.embedding_dim
-        hidden = args.decoder_hidden_size
-        num_layers = args.decoder_layers
+        hidden = hidden_size
         _check(num_layers >= 2, f"--decoder-layers must be >= 2 (the MoE sits after the first "
                                 f"layer); got {num_layers}")
         self.padding_idx = dictionary.pad()
         self.embed_tokens = embed_tokens
-        self.dropout = nn.Dropout(args.dropout)
-        self.max_target_positions = args.max_target_positions
+        self.dropout = nn.Dropout(dropout)
+        self.max_target_positions = max_target_positions
         self.layers = nn.ModuleList(
             make_lstm(dim if layer == 0 else dim + encoder_dim, dim, hidden, "--decoder-hidden-size")
             for layer in range(num_layers)
         )
-        self.attention = EncoderDecoderAttention(dim, encoder_dim, args.attention_dim,
-                                                 args.attention_type)
-        moe = build_moe_layer(args, dim)
-        self.moe = ResidualMoE(moe, args.dropout) if moe is not None else None
-        self.share_input_output_embed = bool(args.share_decoder_input_output_embed)
+        self.attention = EncoderDecoderAttention(dim, encoder_dim, attention_dim, attention_type)
+        self.moe = ResidualMoE(moe, dropout) if moe is not None else None
+        self.share_input_output_embed = bool(share_input_output_embed)
         if self.share_input_output_embed:
             self.output_projection = None
         else:
             self.output_projection = nn.Linear(dim, len(dictionary), bias=False)
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=dim**-0.5)
+
+    @classmethod
+    def from_args(cls, args, dictionary, embed_tokens: nn.Embedding, encoder_dim: int):
+        """The options of ``args`` (after ``base_architecture``) as the keyword arguments."""
+        return cls(dictionary, embed_tokens, encoder_dim,
+                   hidden_size=args.decoder_hidden_size,
+                   num_layers=args.decoder_layers,
+                   attention_dim=args.attention_dim,
+                   attention_type=args.attention_type,
+                   moe=build_moe_layer(args, embed_tokens.embedding_dim),
+                   dropout=args.dropout,
+                   share_input_output_embed=args.share_decoder_input_output_embed,
+                   max_target_positions=args.max_target_positions)
 
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None,
                 features_only: bool = False, **kwargs):
@@ -357,8 +381,9 @@ class LSTMMoETranslationModel(FairseqEncoderDecoderModel):
         encoder_embed = make_embedding(len(src_dict), args.encoder_embed_dim, src_dict.pad())
         decoder_embed = encoder_embed if args.share_all_embeddings else make_embedding(
             len(tgt_dict), args.decoder_embed_dim, tgt_dict.pad())
-        encoder = LSTMMoETranslationEncoder(args, src_dict, encoder_embed)
-        decoder = LSTMMoETranslationDecoder(args, tgt_dict, decoder_embed, args.encoder_embed_dim)
+        encoder = LSTMMoETranslationEncoder.from_args(args, src_dict, encoder_embed)
+        decoder = LSTMMoETranslationDecoder.from_args(args, tgt_dict, decoder_embed,
+                                                      args.encoder_embed_dim)
         check_training_options(args)  # after the model's own options, as in the LM
         check_data(args, task)
         return setup_expert_parallel(cls(encoder, decoder), args)
@@ -386,25 +411,29 @@ def count_parameters(args, src_vocab_size: int, tgt_vocab_size: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _default(args, name: str, value) -> None:
+    """Set option ``name`` to ``value`` unless given (None = not given; 0 is a value)."""
+    if getattr(args, name, None) is None:
+        setattr(args, name, value)
+
+
 def base_architecture(args):
     """The paper's model dimensions (§5.3) with a flat 32-expert MoE (k = 4) and strictly
     balanced gating (App. F); the other presets change the MoE."""
-    if getattr(args, "dropout", None) is None:
-        args.dropout = 0.4
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", None) or 512
-    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", None) or 2048
-    args.encoder_layers = getattr(args, "encoder_layers", None) or 3
-    if getattr(args, "encoder_bidirectional", None) is None:
-        args.encoder_bidirectional = True
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", None) or args.encoder_embed_dim
-    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", None) or args.encoder_hidden_size
-    args.decoder_layers = getattr(args, "decoder_layers", None) or 2
-    args.attention_type = getattr(args, "attention_type", None) or "separable"
-    args.attention_dim = getattr(args, "attention_dim", None) or args.decoder_embed_dim
+    _default(args, "dropout", 0.4)
+    _default(args, "encoder_embed_dim", 512)
+    _default(args, "encoder_hidden_size", 2048)
+    _default(args, "encoder_layers", 3)
+    _default(args, "encoder_bidirectional", True)
+    _default(args, "decoder_embed_dim", args.encoder_embed_dim)
+    _default(args, "decoder_hidden_size", args.encoder_hidden_size)
+    _default(args, "decoder_layers", 2)
+    _default(args, "attention_type", "separable")
+    _default(args, "attention_dim", args.decoder_embed_dim)
     args.share_decoder_input_output_embed = bool(getattr(args, "share_decoder_input_output_embed", None))
     args.share_all_embeddings = bool(getattr(args, "share_all_embeddings", None))
-    args.max_source_positions = getattr(args, "max_source_positions", None) or DEFAULT_MAX_POSITIONS
-    args.max_target_positions = getattr(args, "max_target_positions", None) or DEFAULT_MAX_POSITIONS
+    _default(args, "max_source_positions", DEFAULT_MAX_POSITIONS)
+    _default(args, "max_target_positions", DEFAULT_MAX_POSITIONS)
     set_moe_defaults(args, num_experts=32, groups=0, k=4, hidden_dim=2048, gating="batchwise",
                      w_importance=0.01, w_load=0.01)
 
@@ -421,7 +450,7 @@ def lstm_moe_nmt_32(args):
 @register_model_architecture("lstm_moe_nmt", "lstm_moe_nmt_baseline")
 def lstm_moe_nmt_baseline(args):
     """The same LSTMs and attention without MoE layers."""
-    args.moe_num_experts = getattr(args, "moe_num_experts", None) or 0
+    _default(args, "moe_num_experts", 0)
     base_architecture(args)
 
 
@@ -453,11 +482,10 @@ def lstm_moe_nmt_multilingual(args):
 def lstm_moe_nmt_tiny(args):
     """For tests: 32-dim layers, 64-unit LSTMs, 4 experts of hidden 64, k = 2, batchwise gating
     (about 0.13M parameters with a 20-symbol vocabulary)."""
-    if getattr(args, "dropout", None) is None:
-        args.dropout = 0.1
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", None) or 32
-    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", None) or 64
-    args.attention_dim = getattr(args, "attention_dim", None) or 32
+    _default(args, "dropout", 0.1)
+    _default(args, "encoder_embed_dim", 32)
+    _default(args, "encoder_hidden_size", 64)
+    _default(args, "attention_dim", 32)
     set_moe_defaults(args, num_experts=4, groups=0, k=2, hidden_dim=64, gating="batchwise",
                      w_importance=0.01, w_load=0.01)
     base_architecture(args)
