@@ -301,3 +301,29 @@ def test_run_logged_sets_threads_and_malloc_and_a_failure_shows_the_log(tmp_path
     with pytest.raises(RuntimeError, match=r"python[\d.]* failed \(status 3\)(.|\n)*going down"):
         tools.run_logged([sys.executable, "-c", "print('going down'); raise SystemExit(3)"], str(log),
                          str(tmp_path))
+
+
+def test_capacity_lm_width_follows_the_declared_rule():
+    """The family's width comes from the baseline pilots alone: the largest width whose 4xLSTM
+    underfits (valid/train <= MAX_GAP) and whose family fits the budget; else the smallest."""
+    capacity = load_example("language_model/capacity_lm.py")
+
+    def pilot(width, valid, train, wall):
+        return {"model": "4xlstm", "width": width, "seed": 1, "valid_ppl": valid,
+                "train_ppl": train, "wall_s": wall}
+
+    assert capacity.choose_width({"runs": [pilot(64, 100, 99, 600)]})[0] is None  # 128 missing
+    small, large = capacity.PILOT_WIDTHS[0], capacity.PILOT_WIDTHS[-1]
+    hour = 3600  # a pilot of half an hour: 21 runs x 1.5 / 2 side by side = about 8 h
+    fits = {"runs": [pilot(small, 100, 98, hour / 4), pilot(large, 80, 78, hour / 2)]}
+    assert capacity.choose_width(fits)[0] == large
+    overfits = {"runs": [pilot(small, 100, 98, hour / 4), pilot(large, 80, 60, hour / 2)]}
+    width, why = capacity.choose_width(overfits)
+    assert width == small and f"W={large}: valid/train 1.333" in why
+    too_slow = {"runs": [pilot(small, 100, 98, hour / 4), pilot(large, 80, 78, 4 * hour)]}
+    assert capacity.choose_width(too_slow)[0] == small
+    none = {"runs": [pilot(small, 100, 50, hour), pilot(large, 80, 40, hour)]}
+    assert capacity.choose_width(none)[0] == small
+    costs = {m: capacity.model_costs(m, 64) for m in capacity.FAMILY}
+    assert len({c["ops_per_token"] for c in costs.values()}) == 1  # one active compute
+    assert costs["moe-256"]["moe_params"] > costs["moe-64"]["moe_params"] > costs["moe-4"]["moe_params"]
