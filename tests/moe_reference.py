@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fairseq_smoe.modules.noisy_topk import gate_noise
+from fairseq_smoe.ops.noisy_topk import gate_noise
 
 
 def expert_outputs(experts, x_TD):

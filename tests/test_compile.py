@@ -141,7 +141,7 @@ def test_triton_custom_operators_pass_opcheck():
 def test_traced_noisy_top_k_equals_the_blocked_function(segments, monkeypatch):
     """What noisy_top_k runs while compiling (whole rows, no out=, no workspace or threads) gives
     the blocked Function's gates, experts, load and logit gradient; run eagerly here."""
-    from fairseq_smoe.modules import noisy_topk
+    from fairseq_smoe.ops import noisy_topk
 
     T, E, k = 40, 6, 2
     logits = torch.randn(T, 2 * E, dtype=torch.float64, requires_grad=True)

@@ -112,7 +112,7 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     TopKRouter.draw_noise = deterministic_noise
     results = {"layer": _layer_cases(rank)}
-    from fairseq_smoe.distributed import setup_expert_parallel
+    from fairseq_smoe.models.parallel import setup_expert_parallel
 
     try:  # 3 experts cannot be shared equally by 2 workers: refused before anything changes
         setup_expert_parallel(nn.Sequential(MoELayer(4, 4, num_experts=3, hidden_dim=4, k=2)),
@@ -203,8 +203,8 @@ def _ddp_case(rank, backend):
 
     install_all()  # registers the plugin with fairseq, installs its patches
     from fairseq_smoe.compat.trainer_hooks import clip_grad_norm_with_sharded_experts, current_plan
-    from fairseq_smoe.distributed import setup_expert_parallel
     from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY
+    from fairseq_smoe.models.parallel import setup_expert_parallel
 
     model = TinyModel()
     model.train()

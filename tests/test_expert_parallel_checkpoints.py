@@ -285,7 +285,7 @@ def test_reshard_cli_errors_are_one_line(tmp_path):
 def test_options_that_assume_identical_parameters_are_refused(flags, named):
     from argparse import Namespace
 
-    from fairseq_smoe.distributed import _check_training_options
+    from fairseq_smoe.models.parallel import check_expert_parallel_options as _check_training_options
 
     with pytest.raises(ValueError, match="--no-moe-expert-parallel") as error:
         _check_training_options(Namespace(**flags))

@@ -274,10 +274,10 @@ def test_layer_pickles_and_deep_copies():
 @pytest.mark.parametrize("chunk_rows", [4096, 4])
 def test_fused_experts_and_combine_equal_experts_then_combine(monkeypatch, recompute, threads,
                                                               chunk_rows):
-    """FeedForwardExperts.forward_and_combine (one Function: the gate gradient and the scaled
-    output gradient are formed inside the expert loop) equals the experts followed by
-    dispatch.combine: output and the gradients of input, gates and every parameter; also when
-    experts with many rows go through backward in chunks (here of 4 rows)."""
+    """The loop backend's feed_forward_and_combine (one Function: the gate gradient and the
+    scaled output gradient are formed inside the expert loop) equals its experts followed by
+    loop_dispatch.combine: output and the gradients of input, gates and every parameter; also
+    when experts with many rows go through backward in chunks (here of 4 rows)."""
     from fairseq_smoe.modules.experts import FeedForwardExperts
     from fairseq_smoe.ops import loop_experts as experts_module
     from fairseq_smoe.ops.loop_dispatch import combine
@@ -300,10 +300,11 @@ def test_fused_experts_and_combine_equal_experts_then_combine(monkeypatch, recom
             monkeypatch.setattr(experts_module, "CHUNK_ROWS", chunk_rows if fused else 2048)
             experts.zero_grad(set_to_none=True)
             x.grad = gate.grad = None
+            params = (experts.weights, experts.biases, recompute)
             if fused:
-                y = experts.forward_and_combine(x, counts, row, gate, T)
+                y = experts_module.feed_forward_and_combine(x, counts, row, gate, T, *params)
             else:
-                y = combine(experts(x, counts), row, gate, T)
+                y = combine(experts_module.feed_forward(x, counts, *params), row, gate, T)
             y.backward(grad_y)
             results.append([y.detach(), x.grad, gate.grad, *[p.grad for p in experts.parameters()]])
     finally:
@@ -327,10 +328,32 @@ def test_half_precision_experts_are_not_chunked(monkeypatch):
     for chunk_rows in (4096, 4):
         monkeypatch.setattr(experts_module, "CHUNK_ROWS", chunk_rows)
         experts.zero_grad(set_to_none=True)
-        experts(x, counts).float().square().sum().backward()
+        y = experts_module.feed_forward(x, counts, experts.weights, experts.biases)
+        y.float().square().sum().backward()
         grads.append([p.grad.clone() for p in experts.parameters()])
     for big, small in zip(*grads):
         assert torch.equal(big, small)
+
+
+def test_backends_run_the_experts_as_the_reference_forward():
+    """FeedForwardExperts.forward (a plain loop over the experts) is what the backends' own
+    feed_forward computes, values and gradients, an expert without rows included."""
+    from fairseq_smoe import ops
+    from fairseq_smoe.modules.experts import FeedForwardExperts
+
+    torch.manual_seed(0)
+    experts = FeedForwardExperts(4, 8, 16, 8, num_hidden_layers=2)
+    counts = [3, 0, 5, 2]
+    x = torch.randn(sum(counts), 8)
+    grad_y = torch.randn(sum(counts), 8)
+    expected = experts(x, counts)
+    expected_grads = torch.autograd.grad(expected, list(experts.parameters()), grad_y)
+    for name in ("loop", "grouped_mm"):
+        backend = ops.get_backend(name, x.device, x.dtype, (8, 16, 16, 8))
+        y = backend.feed_forward(experts, x, counts)
+        torch.testing.assert_close(y, expected, msg=name)
+        for got, want in zip(torch.autograd.grad(y, list(experts.parameters()), grad_y), expected_grads):
+            torch.testing.assert_close(got, want, msg=name)
 
 
 # The grouped_mm and triton backends (fairseq_smoe/ops) against the loop and the dense reference,

@@ -45,16 +45,16 @@ SHARD_META_KEY = "moe_expert_shards"
 
 
 def expert_plan(model, rank: int, world_size: int) -> Optional[dict]:
-    """Shard metadata of a model whose experts are ``ExpertParallelExperts`` (None if none).
+    """Shard metadata of a model whose experts are sharded over workers (None if none).
 
     Optimizer slots are the positions of the expert parameters among the trainable parameters
     in ``model.parameters()`` order, which is how fairseq's trainer lists them to the optimizer
     (criterion parameters come after the model's)."""
-    from .expert_parallel import ExpertParallelExperts
+    from .expert_parallel import is_expert_shard
 
     totals = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, ExpertParallelExperts):
+        if is_expert_shard(module):
             for param_name, param in module.named_parameters():
                 key = f"{module_name}.{param_name}" if module_name else param_name
                 totals[id(param)] = (key, module.num_experts_total)

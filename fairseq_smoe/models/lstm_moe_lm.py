@@ -37,10 +37,10 @@ from fairseq.modules import AdaptiveSoftmax, FairseqDropout
 from torch import Tensor
 
 from ..criterions.smoe_cross_entropy import MOE_STATS_KEY
-from ..distributed import setup_expert_parallel
 from ..modules.projected_lstm import ProjectedLSTM
 from ..modules.residual_moe import ResidualMoE
 from ..moe_args import add_moe_args, build_moe_layer, set_moe_defaults
+from .parallel import setup_expert_parallel
 from .run_checks import (
     check_data,
     check_precision_options,

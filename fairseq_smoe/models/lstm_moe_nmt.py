@@ -41,10 +41,10 @@ from fairseq.models import (
     register_model_architecture,
 )
 
-from ..distributed import setup_expert_parallel
 from ..modules.attention import ATTENTION_TYPES, EncoderDecoderAttention
 from ..modules.residual_moe import ResidualMoE
 from ..moe_args import add_moe_args, build_moe_layer, set_moe_defaults
+from .parallel import setup_expert_parallel
 from .run_checks import (
     check_data,
     check_precision_options,

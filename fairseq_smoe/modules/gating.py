@@ -2,8 +2,9 @@
 
 A gate looks at a batch of rows x_TD and decides which experts each row visits and with what
 weight. It returns a sparse list of (row, expert, gate value) *assignments* plus the balance
-statistics of that decision; it never touches the experts. Dispatch (``dispatch.py``) groups
-the assignments by expert, and the layer (``moe_layer.py``) adds up the gate-weighted outputs.
+statistics of that decision; it never touches the experts. The layer (``moe_layer.py``) hands
+the assignments to its expert backend (fairseq_smoe/ops), which groups them by expert, runs the
+experts and adds up the gate-weighted outputs.
 
 Gating modes (``build_gate``):
     ``noisy_top_k``  §2.1: H(x) = x·W_g + N(0,1)·softplus(x·W_noise); G = softmax(KeepTopK(H, k)).
@@ -27,14 +28,14 @@ Choices the paper leaves open (documented in the README too):
 """
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import noisy_topk
 from ..ops.workspace import Workspace
-from .noisy_topk import gate_noise, noisy_top_k
 
 GATING_MODES = ("noisy_top_k", "top_k", "softmax", "batchwise")
 
@@ -110,28 +111,27 @@ class TopKRouter(nn.Module):
         return self.training and self.noisy
 
     def route(self, logits_T2E: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
-              segment_rows: Optional[Sequence[int]] = None, resident: bool = False,
-              segment_T: Optional[torch.Tensor] = None, num_segments: int = 0,
-              noise_rows: Optional[int] = None):
+              backend=None, segments=None):
         """G(x) from the projected logits x·[W_g | W_noise] (x·W_g without noise; see
         ``NoisyTopKGate.projection``): (gate_TK, expert_TK, smooth load,
-        or None where the load is the counts: no noise, or k = n). With ``segment_rows`` (host
-        counts) or ``segment_T`` (each row's segment on the device, ``num_segments`` = dropped)
-        the rows are separate batches (``noisy_topk.noisy_top_k``) and the smooth load is
-        [G, E]."""
+        or None where the load is the counts: no noise, or k = n). With ``segments`` (a
+        ``Grouping`` of the rows, e.g. a hierarchical layer's X^(i)) the rows are separate
+        batches and the smooth load is [G, E]. ``backend`` (the layer's expert backend, None:
+        the loop's way) decides how the fused pass runs (ops/noisy_topk.py)."""
         E, k = self.num_experts, self.k
         if self.adds_noise:
             clean_TE = logits_T2E[:, :E]
-            if noise_rows is not None and noise_rows > clean_TE.shape[0]:
-                # Draw for ``noise_rows`` rows and keep the first: the same noise as a
-                # resident backend, which draws for all rows including a dropped tail.
+            noise_rows = clean_TE.shape[0] if segments is None else segments.num_assignments
+            if noise_rows > clean_TE.shape[0]:
+                # The loop backend's grouping keeps only assigned rows: draw for every
+                # assignment and keep the first, the same noise as a resident backend, which
+                # keeps a dropped tail of rows.
                 clean_TE = torch.cat([clean_TE, clean_TE.new_zeros(noise_rows - clean_TE.shape[0], E)])
             noise_TE = self.draw_noise(clean_TE)[: logits_T2E.shape[0]]
             if k < E:
-                # H(x), KeepTopK, softmax and the smooth load in one blocked pass (noisy_topk.py).
-                return noisy_top_k(logits_T2E, noise_TE, valid_T, k, self.noise_epsilon,
-                                   self.workspace, segment_rows, single_pass=resident,
-                                   segment_T=segment_T, num_segments=num_segments)
+                # H(x), KeepTopK, softmax and the smooth load in one fused pass.
+                return noisy_topk.route(logits_T2E, noise_TE, valid_T, k, self.noise_epsilon,
+                                        self.workspace, backend, segments)
             noise_std_TE = F.softplus(logits_T2E[:, E:]) + self.noise_epsilon  # eq. (4)
             noisy_TE = torch.addcmul(logits_T2E[:, :E], noise_TE, noise_std_TE)
         else:
@@ -141,8 +141,8 @@ class TopKRouter(nn.Module):
 
     def draw_noise(self, clean_TE: torch.Tensor) -> torch.Tensor:
         """N(0, 1) noise shaped like the clean logits (noisy_topk.gate_noise)."""
-        return gate_noise(clean_TE.shape[0], clean_TE.shape[1], clean_TE.dtype, clean_TE.device,
-                          self.workspace)
+        return noisy_topk.gate_noise(clean_TE.shape[0], clean_TE.shape[1], clean_TE.dtype,
+                                     clean_TE.device, self.workspace)
 
 
 class NoisyTopKGate(TopKRouter):
@@ -159,13 +159,13 @@ class NoisyTopKGate(TopKRouter):
         self.w_noise = nn.Parameter(torch.zeros(input_dim, num_experts)) if noisy else None
 
     def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
-                resident: bool = False) -> GateOutput:
-        """``resident``: the device-resident routing of the grouped backends (one pass over all
-        rows, noise from the device's generator; see fairseq_smoe/ops)."""
+                backend=None) -> GateOutput:
+        """``backend``: the layer's expert backend, which decides how the fused routing pass
+        runs (ops/noisy_topk.py); None runs it the loop's way."""
         E, k = self.num_experts, self.k
         T = x_TD.shape[0]
         logits_T2E = project(x_TD, self.projection())
-        gate_TK, expert_TK, load_E = self.route(logits_T2E, valid_T, resident=resident)
+        gate_TK, expert_TK, load_E = self.route(logits_T2E, valid_T, backend)
         if valid_T is not None:
             expert_TK = torch.where(valid_T[:, None], expert_TK, E)
             gate_TK = gate_TK * valid_T[:, None]
@@ -201,8 +201,7 @@ class SoftmaxGate(nn.Module):
         self.num_experts = num_experts
         self.w_gate = nn.Parameter(torch.zeros(input_dim, num_experts))
 
-    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
-                resident: bool = False) -> GateOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
         E, T = self.num_experts, x_TD.shape[0]
         gate_TE = torch.softmax(project(x_TD, self.w_gate), dim=-1)
         expert_TE = torch.arange(E, device=x_TD.device).expand(T, E)
@@ -315,8 +314,7 @@ class BatchwiseGate(nn.Module):
             state_dict[prefix + "log_thresholds"] = state_dict.pop(old_key).clamp_min(1e-30).log()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None,
-                resident: bool = False) -> GateOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> GateOutput:
         E, T = self.num_experts, x_TD.shape[0]
         probs_TE = torch.softmax(project(x_TD, self.w_gate), dim=-1)  # G_σ(x)
         thresholds_E = _at_least_fp32(self.thresholds)

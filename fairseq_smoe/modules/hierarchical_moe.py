@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .gating import _counts, _per_expert_sum, build_gate
-from .moe_layer import MoELayerBase, check_k, check_layer_args
+from .moe_layer import MoELayerBase, check_k, check_layer_args, run_gate
 from .secondary_gates import SecondaryGates
 from .stats import count_unrouted
 
@@ -53,7 +53,7 @@ class HierarchicalMoELayer(MoELayerBase):
         x_TD, valid_T = self._flatten(x, padding_mask)
         a, b = self.num_groups, self.experts_per_group
         backend = self.experts_backend(x_TD)
-        primary = self.primary_gate(x_TD, valid_T, resident=backend.resident)
+        primary = run_gate(self.primary_gate, x_TD, valid_T, backend)
         groups = backend.group(primary.expert_A, a)
         rows_P = primary.row_A.index_select(0, groups.order_S)
         primary_gate_P = primary.gate_A.index_select(0, groups.order_S)
@@ -61,10 +61,7 @@ class HierarchicalMoELayer(MoELayerBase):
         # index_add_ in backward instead of one full-size scatter per group).
         x_PD = backend.gather(x_TD, rows_P, self.workspace, "x_PD")
         rows_in_group_G = groups.counts_G
-        # The loop backend's counts are on the host already (its batchwise masks use them);
-        # on the resident backends they are None and batchwise gating sizes its masks from P.
-        secondary = self.secondary_gates(backend, x_PD, groups, groups.counts)
-        row_A, expert_A, gate_A, load_ab, aux_loss = secondary
+        row_A, expert_A, gate_A, load_ab, aux_loss = self.secondary_gates(backend, x_PD, groups)
 
         # G_primary(x)_i · G_i(x)_j, and expert (i, j) at flat index i·b + j.
         gate_A = primary_gate_P[row_A] * gate_A
@@ -72,7 +69,7 @@ class HierarchicalMoELayer(MoELayerBase):
         counts = _counts(expert_A, a * b).reshape(a, b)
         load = primary.load_E[:, None] * load_ab / rows_in_group_G.clamp_min(1)[:, None]
         row_A = rows_P.index_select(0, row_A)
-        y_TO, _ = self._experts_and_combine(backend, x_TD, row_A, expert_A, gate_A)
+        y_TO = self._experts_and_combine(backend, x_TD, row_A, expert_A, gate_A)
         unrouted = count_unrouted(row_A, expert_A, a * b, valid_T, x_TD.shape[0])
         stats = self._stats(importance, load, counts, primary.aux_loss + aux_loss,
                             primary.num_rows, unrouted)

@@ -9,9 +9,9 @@ Pure PyTorch, usable in any model:
     loss = task_loss + stats.loss
 
 Each forward treats every position of x as one example (the "convolutional" batch of §3.1):
-the gate routes each non-padding position, ``dispatch`` groups the assignments by expert, each
-expert runs once on its group, and the gate-weighted outputs are added back. Padding positions
-are never routed, never counted, and come out as 0.
+the gate routes each non-padding position, and the layer's expert backend (fairseq_smoe/ops)
+groups the assignments by expert, runs each expert once on its group and adds the gate-weighted
+outputs back. Padding positions are never routed, never counted, and come out as 0.
 """
 
 import math
@@ -23,13 +23,25 @@ import torch.nn as nn
 from .. import ops
 from ..ops.workspace import Workspace
 from .experts import FeedForwardExperts
-from .gating import GATING_MODES, build_gate
+from .gating import GATING_MODES, NoisyTopKGate, build_gate
 from .stats import MoEStats, balance_losses, count_unrouted
 
 
 def _this_worker_only(totals: torch.Tensor) -> torch.Tensor:
     """``sum_over_workers`` of a single process (a named function, so layers pickle)."""
     return totals
+
+
+def _all_experts_here(backend):
+    """``wrap_backend`` of a single process: the backend runs all experts itself."""
+    return backend
+
+
+def run_gate(gate: nn.Module, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor], backend):
+    """G(x) of ``gate``; the noisy top-k gates' fused routing pass runs the backend's way."""
+    if isinstance(gate, NoisyTopKGate):
+        return gate(x_TD, valid_T, backend)
+    return gate(x_TD, valid_T)
 
 
 def check_positive_int(name: str, value) -> None:
@@ -66,10 +78,9 @@ def _as_device_count(count, device) -> torch.Tensor:
 
 
 class MoELayerBase(nn.Module):
-    """What flat and hierarchical layers share: input flattening, dispatch to the experts,
-    and the balance statistics. ``self.experts`` may be swapped for an expert-parallel
-    wrapper with the same ``forward(x_SD, counts)`` and ``forward_and_combine`` contract (see
-    ``fairseq_smoe.distributed``).
+    """What flat and hierarchical layers share: input flattening, the experts' parameters
+    (``self.experts``), handing the assignments to the expert backend, and the balance
+    statistics.
 
     ``backend`` says how the experts and the routing around them run (fairseq_smoe/ops):
     "loop", "grouped_mm", "triton", or "auto" (loop on CPU; on CUDA grouped_mm for bf16 on
@@ -90,7 +101,12 @@ class MoELayerBase(nn.Module):
         # balance loss sees the global batch. Identity in a single process; set by
         # fairseq_smoe.distributed when training is distributed. Must be differentiable.
         self.sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = _this_worker_only
-        # Reused dispatch/combine buffers between steps on CPU (workspace.py); not state.
+        # Wraps the backend that runs the experts: the identity in a single process; with
+        # expert parallelism (fairseq_smoe.distributed) ``self.experts`` holds this worker's
+        # share and the wrapper exchanges rows with the other workers around the backend.
+        self.wrap_backend: Callable = _all_experts_here
+        # Reused buffers of the loop backend between steps on CPU (gather, experts, combine:
+        # ops/workspace.py); not state.
         self.workspace = Workspace()
 
     def __prepare_scriptable__(self):
@@ -129,18 +145,20 @@ class MoELayerBase(nn.Module):
 
     def experts_backend(self, x: torch.Tensor):
         """The backend object this layer runs with for input ``x`` (``self.backend`` resolved for
-        x's device and the experts' dtype)."""
+        x's device and the experts' dtype; wrapped for expert parallelism)."""
         weights = list(self.experts.weights)
         dims = [weights[0].shape[1]] + [w.shape[2] for w in weights]
         backend = getattr(self, "backend", None) or ops.default_backend()  # older pickles
         # Under autocast the resident backends run the experts in autocast's dtype: choose for it.
         dtype = ops.compute_dtype(weights[0].dtype, x.device.type)
-        return ops.get_backend(backend, x.device, dtype, dims)
+        wrap = getattr(self, "wrap_backend", _all_experts_here)  # older pickles
+        return wrap(ops.get_backend(backend, x.device, dtype, dims))
 
     def _experts_and_combine(self, backend, x_TD, row_A, expert_A, gate_A):
-        """Group assignments by expert, run each expert once on its rows, add back (eq. 1)."""
-        return backend.experts_and_combine(self.experts, self.num_experts, x_TD, row_A, expert_A,
-                                           gate_A, self.workspace)
+        """Σ_i G(x)_i E_i(x) (eq. 1), y_TO: the backend groups the assignments by expert, runs
+        each expert once on its rows and adds the gate-weighted outputs back."""
+        return backend.experts_and_combine(self.experts, x_TD, row_A, expert_A, gate_A,
+                                           self.num_experts, self.workspace)
 
     def _stats(self, importance, load, counts, aux_loss, num_tokens, unrouted) -> MoEStats:
         importance = self.sum_over_workers(importance)
@@ -194,9 +212,9 @@ class MoELayer(MoELayerBase):
         x_TD, valid_T = self._flatten(x, padding_mask)
         backend = self.experts_backend(x_TD)
         # G(x): sparse (row, expert, gate) assignments
-        decision = self.gate(x_TD, valid_T, resident=backend.resident)
-        y_TO, _ = self._experts_and_combine(backend, x_TD, decision.row_A, decision.expert_A,
-                                            decision.gate_A)
+        decision = run_gate(self.gate, x_TD, valid_T, backend)
+        y_TO = self._experts_and_combine(backend, x_TD, decision.row_A, decision.expert_A,
+                                         decision.gate_A)
         unrouted = count_unrouted(decision.row_A, decision.expert_A, self.num_experts, valid_T,
                                   x_TD.shape[0])
         stats = self._stats(decision.importance_E, decision.load_E, decision.counts_E,

@@ -15,7 +15,7 @@ result is the secondary assignments (row of x_PD, flat expert i·b + j, gate val
 loads [a, b] (Load_i(X^(i))_j) and the auxiliary loss (Σ_i L_batchwise of group i, else 0).
 """
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -84,15 +84,14 @@ class SecondaryGates(nn.Module):
                 setattr(gate, name, getattr(self, name)[group])
         return gate.train(self.training)
 
-    def forward(self, backend, x_PD: torch.Tensor, grouping,
-                counts: Optional[List[int]] = None) -> SecondaryAssignments:
-        """``counts``: rows per group on the host; only batchwise gating needs them in training
-        (its m per group sizes the masks), and reads them itself when not given."""
+    def forward(self, backend, x_PD: torch.Tensor, grouping) -> SecondaryAssignments:
+        """``backend`` runs the grouped projections and the routing pass (fairseq_smoe/ops);
+        ``grouping`` is the primary assignments' grouping of the rows of ``x_PD``."""
         if self.gating in ("noisy_top_k", "top_k"):
             return self._top_k(backend, x_PD, grouping)
         if self.gating == "softmax":
             return self._softmax(backend, x_PD, grouping)
-        return self._batchwise(backend, x_PD, grouping, counts)
+        return self._batchwise(backend, x_PD, grouping)
 
     def _logits(self, backend, x_PD, grouping, weight_GDC):
         """Every group's rows times its own weights: one grouped product, in fp32 (inputs and
@@ -116,12 +115,7 @@ class SecondaryGates(nn.Module):
         # right after use) would add to the layer's resident memory (measured: MoE-1024-h's
         # activation peak 1.15 -> 1.24 x dense) for a few page faults saved.
         logits_PC = self._logits(backend, x_PD, grouping, weight_GDC)
-        if backend.resident:  # one pass, the load per group from the device
-            gate_PK, expert_PK, load_GJ = router.route(
-                logits_PC, None, resident=True, segment_T=grouping.group_S, num_segments=a)
-        else:
-            gate_PK, expert_PK, load_GJ = router.route(logits_PC, None, grouping.counts,
-                                                       noise_rows=grouping.num_assignments)
+        gate_PK, expert_PK, load_GJ = router.route(logits_PC, None, backend, grouping)
         expert_A = self._flat_experts(grouping.group_S, expert_PK).reshape(-1)
         if load_GJ is None:  # no noise: the load is the counts
             load_GJ = _counts(expert_A, a * b).reshape(a, b).to(gate_PK.dtype)
@@ -140,11 +134,12 @@ class SecondaryGates(nn.Module):
         row_A = torch.arange(P, device=x_PD.device).repeat_interleave(b)
         return SecondaryAssignments(row_A, expert_A, gate_PJ.reshape(-1), load_GJ, gate_PJ.new_zeros(()))
 
-    def _batchwise(self, backend, x_PD, grouping, counts):
+    def _batchwise(self, backend, x_PD, grouping):
         """Strictly balanced gating (App. F) inside each group: in training expert j of group i
         takes the m_i rows of X^(i) with the highest G_i,σ (m_i = k·|X^(i)|/b), in eval the
-        rows above its threshold T_ij. All groups at once on a [a, max |X^(i)|, b] padded copy
-        of the probabilities; the host knows the counts (one read per step, as the flat gate's m)."""
+        rows above its threshold T_ij. On the loop backend, whose grouping has the counts on
+        the host, all groups at once on a [a, max |X^(i)|, b] padded copy of the probabilities;
+        on the resident ones by one segmented sort whose shapes P fixes."""
         a, b = self.num_groups, self.experts_per_group
         device = x_PD.device
         group_P = grouping.group_S  # a for the dropped tail
@@ -156,10 +151,11 @@ class SecondaryGates(nn.Module):
         counts_G = grouping.counts_G
         kept_A = None
         if self.training:
-            if counts is None:  # device-resident: fixed shapes, nothing read back
+            if grouping.counts is None:  # device-resident: fixed shapes, nothing read back
                 mask_PJ, row_A, j_A, kept_A = self._batchwise_masks_resident(probs_PJ, group_P, counts_G)
             else:
-                mask_PJ, row_A, j_A = self._batchwise_masks(probs_PJ, group_P, counts_G, counts)
+                mask_PJ, row_A, j_A = self._batchwise_masks(probs_PJ, group_P, counts_G,
+                                                            grouping.counts)
             terms_PJ = batchwise_threshold_terms(probs_PJ, thresholds_PJ, mask_threshold_PJ,
                                                  mask_PJ) * real_P[:, None]
             per_group = torch.zeros(a + 1, dtype=terms_PJ.dtype, device=device).index_add_(

@@ -21,14 +21,26 @@ always makes T·k assignments; padding goes to a dropped tail), so a training st
 back to the host and issues the same number of kernels whatever the number of experts, groups
 or tokens. The backend, not the device type, selects the code path: every backend runs on CPU.
 
-Interface (``get_backend(name, device, dtype, dims)`` returns one of these objects):
+Interface (``get_backend(name, device, dtype, dims)`` returns one of these objects). ``experts``
+is the layer's parameter holder (``modules.experts.FeedForwardExperts``): a backend reads its
+stacked ``weights`` [E, I, O], ``biases`` [E, O] and ``recompute_activations`` and runs them
+itself; nothing here calls back into a module.
 
     backend.name, backend.resident
     backend.group(key_A, num_groups) -> Grouping          sort assignments by group
     backend.gather(x_TD, row_S, workspace, name) -> x_SD   rows of x in that order
     backend.grouped_matmul(x_SD, grouping, weight_GIO)     one weight per group, no bias
-    backend.experts_and_combine(experts, num_experts, x_TD, row_A, expert_A, gate_A, workspace)
-        -> (y_TO, row_S): Σ_i G(x)_i E_i(x) (eq. 1) and the row of every kept assignment
+    backend.feed_forward(experts, x_SD, counts, workspace) -> y_SO
+        every expert on its block of rows (rows sorted by expert, ``counts`` host ints)
+    backend.combine(y_SO, row_S, gate_S, num_rows, workspace) -> y_TO
+        gate-weighted rows added into their row: the Σ of eq. (1)
+    backend.experts_and_combine(experts, x_TD, row_A, expert_A, gate_A, num_experts, workspace)
+        -> y_TO: group, gather, experts and combine: Σ_i G(x)_i E_i(x) (eq. 1)
+
+Expert parallelism (``fairseq_smoe.distributed.ExpertParallel``) wraps a backend with the same
+interface: it groups and gathers with the local backend, exchanges rows between workers, runs
+the local experts with ``feed_forward`` and adds the returned rows up with ``combine``.
+The fused noisy top-k pass of the gates (noisy_topk.py) also runs the backend's way.
 """
 
 import os

@@ -33,12 +33,27 @@ class LoopBackend:
 
         return grouped_matmul(x_SD, grouping.counts, weight_GIO)
 
-    def experts_and_combine(self, experts, num_experts, x_TD, row_A, expert_A, gate_A,
+    def feed_forward(self, experts, x_SD, counts, workspace=None):
+        from .loop_experts import feed_forward
+
+        return feed_forward(x_SD, counts, experts.weights, experts.biases,
+                            experts.recompute_activations, workspace)
+
+    def combine(self, y_SO, row_S, gate_S, num_rows: int, workspace=None):
+        from .loop_dispatch import combine
+
+        return combine(y_SO, row_S, gate_S, num_rows, workspace)
+
+    def experts_and_combine(self, experts, x_TD, row_A, expert_A, gate_A, num_experts: int,
                             workspace=None):
+        from .loop_experts import feed_forward_and_combine
+
         grouping = self.group(expert_A, num_experts)
         order_S = grouping.order_S
         row_S = row_A[order_S]
         x_SD = self.gather(x_TD, row_S, workspace, "x_SD")
-        y_TO = experts.forward_and_combine(x_SD, grouping.counts, row_S, gate_A[order_S],
-                                           x_TD.shape[0], workspace)
-        return y_TO, row_S
+        # The experts and the combine in one Function: its backward forms each expert's output
+        # and gate gradients inside the expert loop (loop_experts.py).
+        return feed_forward_and_combine(x_SD, grouping.counts, row_S, gate_A[order_S],
+                                        x_TD.shape[0], experts.weights, experts.biases,
+                                        experts.recompute_activations, workspace)

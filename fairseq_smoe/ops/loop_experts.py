@@ -1,7 +1,8 @@
 """The ``loop`` backend's experts: one autograd Function, expert by expert (paper §2, §3).
 
 The experts' parameters live in ``fairseq_smoe.modules.experts.FeedForwardExperts``; this is how
-the loop backend runs them.
+the loop backend runs them (``feed_forward``, ``feed_forward_and_combine``), from their stacked
+weights and biases.
 
 Weights of all experts are stored stacked, ``weights[l]`` is [E, in_l, out_l], so expert e's
 slice ``weights[l][e]`` is a contiguous view: no per-step copy, no gather of weights.
@@ -24,8 +25,8 @@ Large tensors (hidden activations, outputs, gradients, scratch) come from a ``Wo
 ``recompute_activations`` (App. D) keeps only each expert's input and recomputes its hidden
 activations in backward, trading one more forward matmul for the hidden-layer memory.
 
-``FeedForwardExperts.forward_and_combine`` runs the experts and the gate-weighted combine of
-eq. (1) as one Function, so that backward gathers each expert's output gradient, forms the
+``feed_forward_and_combine`` runs the experts and the gate-weighted combine of eq. (1) as one
+Function, so that backward gathers each expert's output gradient, forms the
 gate gradient and scales by the gate inside the expert loop (on the expert threads, in cache)
 instead of in separate passes over all rows. An expert with more than ``CHUNK_ROWS`` rows goes
 through backward chunk by chunk, its weight gradient accumulated over the chunks, so per-thread
@@ -216,12 +217,6 @@ def _experts_backward(x_SD, counts, options, weights, biases, hidden, output_gra
     return grad_x_SD, grad_w, grad_b
 
 
-def _options(options) -> GroupedFeedForwardOptions:
-    if isinstance(options, GroupedFeedForwardOptions):
-        return options
-    return GroupedFeedForwardOptions(bool(options))  # a bool: recompute, no workspace
-
-
 def _save(ctx, x_SD, params, hidden, *extra):
     ctx.num_layers, ctx.num_extra = len(params) // 2, len(extra)
     ctx.save_for_backward(x_SD, *extra, *params, *(hidden or []))
@@ -239,12 +234,10 @@ def _saved(ctx):
 class _GroupedFeedForward(torch.autograd.Function):
     """y_SO = FFN_{expert(s)}(x_SD) for rows sorted by expert with ``counts`` rows each.
 
-    ``apply(x_SD, counts, options, *weights, *biases)``; ``options`` is a
-    ``GroupedFeedForwardOptions`` or a bool (recompute, no workspace)."""
+    ``apply(x_SD, counts, options, *weights, *biases)``."""
 
     @staticmethod
     def forward(ctx, x_SD, counts, options, *params):
-        options = _options(options)
         num_layers = len(params) // 2
         y_SO, hidden = _experts_forward(x_SD, counts, options, params[:num_layers], params[num_layers:])
         ctx.counts, ctx.options = counts, options
@@ -264,7 +257,7 @@ class _GroupedFeedForward(torch.autograd.Function):
 
 class _GroupedFeedForwardCombine(torch.autograd.Function):
     """y_TO = Σ_s gate_S[s] · FFN_{expert(s)}(x_SD[s]) added into row row_S[s] (eq. 1): the experts
-    and ``dispatch.combine`` in one Function, so that backward gathers each expert's output
+    and ``loop_dispatch.combine`` in one Function, so that backward gathers each expert's output
     gradient, the gate gradient ⟨∂L/∂y[row], E_i(x)⟩ and the gate-scaled gradient inside the
     expert loop (on the expert threads, in cache) instead of in three passes over all rows.
 
@@ -272,7 +265,6 @@ class _GroupedFeedForwardCombine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SD, gate_S, row_S, num_rows, counts, options, *params):
-        options = _options(options)
         num_layers = len(params) // 2
         y_SO, hidden = _experts_forward(x_SD, counts, options, params[:num_layers], params[num_layers:])
         gate_dtype, gate_S = gate_S.dtype, gate_S.to(y_SO.dtype)
@@ -305,6 +297,42 @@ class _GroupedFeedForwardCombine(torch.autograd.Function):
         if grad_gate_S is not None:
             grad_gate_S = grad_gate_S.to(ctx.gate_dtype)
         return (grad_x_SD, grad_gate_S, None, None, None, None, *grad_w, *grad_b)
+
+
+def _check_counts(x_SD: torch.Tensor, counts: Sequence[int], num_experts: int) -> None:
+    if len(counts) != num_experts or sum(counts) != x_SD.shape[0]:
+        raise ValueError(
+            f"counts must list rows for each of the {num_experts} experts and add up to "
+            f"{x_SD.shape[0]} rows; got {len(counts)} entries summing to {sum(counts)}"
+        )
+
+
+def feed_forward(x_SD: torch.Tensor, counts: Sequence[int], weights: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor], recompute: bool = False,
+                 workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """Every expert on its block of rows: ``counts[e]`` consecutive rows of x_SD (sorted by
+    expert) through expert e of the stacked ``weights`` [E, I, O] and ``biases`` [E, O]. Runs
+    in the weights' dtype (e.g. fp32 master weights under autocast); the output has x's."""
+    _check_counts(x_SD, counts, weights[0].shape[0])
+    rows_SD = x_SD.to(weights[0].dtype).contiguous()
+    y_SO = _GroupedFeedForward.apply(rows_SD, tuple(counts), GroupedFeedForwardOptions(recompute, workspace),
+                                     *weights, *biases)
+    return y_SO.to(x_SD.dtype)
+
+
+def feed_forward_and_combine(x_SD: torch.Tensor, counts: Sequence[int], row_S: torch.Tensor,
+                             gate_S: torch.Tensor, num_rows: int, weights: Sequence[torch.Tensor],
+                             biases: Sequence[torch.Tensor], recompute: bool = False,
+                             workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """Σ_i G(x)_i · E_i(x) (eq. 1): ``feed_forward`` of the rows, each times ``gate_S``, added
+    into row ``row_S`` of a [num_rows, O] result; the same as ``loop_dispatch.combine`` of
+    ``feed_forward``, in one Function."""
+    _check_counts(x_SD, counts, weights[0].shape[0])
+    rows_SD = x_SD.to(weights[0].dtype).contiguous()
+    y_TO = _GroupedFeedForwardCombine.apply(rows_SD, gate_S, row_S, num_rows, tuple(counts),
+                                            GroupedFeedForwardOptions(recompute, workspace),
+                                            *weights, *biases)
+    return y_TO.to(x_SD.dtype)
 
 
 def grouped_matmul(x_SD: torch.Tensor, counts: Sequence[int], weight_GIO: torch.Tensor,

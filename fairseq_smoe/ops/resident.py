@@ -77,58 +77,42 @@ class ResidentBackend:
         """Rows of group g times ``weight_GIO[g]`` (hierarchical secondary gate projections)."""
         return self.linear(x_SD, grouping, weight_GIO, None, False)
 
-    def experts_and_combine(self, experts, num_experts, x_TD, row_A, expert_A, gate_A,
+    def _feed_forward(self, experts, x_SD, grouping):
+        """The experts' layers on rows already in the dtype they run in (autocast off)."""
+        weights, biases = list(experts.weights), list(experts.biases)
+        if experts.recompute_activations and torch.is_grad_enabled():  # App. D
+            return checkpoint(_feed_forward, self.linear, grouping, x_SD, *weights, *biases,
+                              use_reentrant=False)
+        return _feed_forward(self.linear, grouping, x_SD, *weights, *biases)
+
+    def combine(self, y_SO, row_S, gate_S, num_rows: int, workspace=None):
+        """Σ_i G(x)_i E_i(x) (eq. 1): gate-weighted rows added into their row by one index_add."""
+        weighted_SO = y_SO * gate_S.to(y_SO.dtype)[:, None]
+        return weighted_SO.new_zeros(num_rows, y_SO.shape[1]).index_add(0, row_S, weighted_SO)
+
+    def experts_and_combine(self, experts, x_TD, row_A, expert_A, gate_A, num_experts: int,
                             workspace=None):
-        num_rows = x_TD.shape[0]
-        if experts.num_experts != num_experts:  # expert parallelism: split sizes on the host
-            return self._expert_parallel(experts, num_experts, x_TD, row_A, expert_A, gate_A,
-                                         workspace)
         grouping = self.group(expert_A, num_experts)
         row_S = row_A.index_select(0, grouping.order_S)
         gate_S = gate_A.index_select(0, grouping.order_S)
-        weights, biases = list(experts.weights), list(experts.biases)
-        dtype = compute_dtype(weights[0].dtype, x_TD.device.type)
+        dtype = compute_dtype(experts.weights[0].dtype, x_TD.device.type)
         with torch.autocast(x_TD.device.type, enabled=False):  # our products choose their dtype
             x_SD = self.gather(x_TD, row_S).to(dtype)
-            if experts.recompute_activations and torch.is_grad_enabled():  # App. D
-                y_SO = checkpoint(_feed_forward, self.linear, grouping, x_SD, *weights, *biases,
-                                  use_reentrant=False)
-            else:
-                y_SO = _feed_forward(self.linear, grouping, x_SD, *weights, *biases)
-            weighted_SO = y_SO * gate_S.to(dtype)[:, None]
-            y_TO = weighted_SO.new_zeros(num_rows, y_SO.shape[1]).index_add(0, row_S, weighted_SO)
-        return y_TO.to(x_TD.dtype), row_S
+            y_SO = self._feed_forward(experts, x_SD, grouping)
+            y_TO = self.combine(y_SO, row_S, gate_S, x_TD.shape[0])
+        return y_TO.to(x_TD.dtype)
 
-    def _expert_parallel(self, experts, num_experts, x_TD, row_A, expert_A, gate_A, workspace):
-        # ExpertParallelExperts exchanges the device counts and reads the all-to-all split sizes
-        # in one transfer (the one host read of the step); its local experts run here, from
-        # their (host) counts.
-        grouping = self.group(expert_A, num_experts)
-        row_S = row_A.index_select(0, grouping.order_S)
-        gate_S = gate_A.index_select(0, grouping.order_S)
-        x_SD = self.gather(x_TD, row_S)
-        experts.local_backend = self
-        return experts.forward_and_combine(x_SD, grouping.counts_G, row_S, gate_S, x_TD.shape[0],
-                                           workspace), row_S
-
-    def feed_forward_counts(self, experts, x_LD, counts):
+    def feed_forward(self, experts, x_SD, counts, workspace=None):
         """The experts on rows grouped by expert with host ``counts`` (expert parallelism's local
         experts): copied to the device (no read), then the same grouped products."""
-        counts_G = torch.tensor(counts, dtype=torch.long, device=x_LD.device)
+        counts_G = torch.tensor(counts, dtype=torch.long, device=x_SD.device)
         G = counts_G.shape[0]
-        grouping = Grouping(torch.arange(x_LD.shape[0], device=x_LD.device), counts_G, G,
+        grouping = Grouping(torch.arange(x_SD.shape[0], device=x_SD.device), counts_G, G,
                             offs_G=torch.cumsum(counts_G, 0, dtype=torch.int32),
-                            key_S=torch.arange(G, device=x_LD.device).repeat_interleave(
-                                counts_G, output_size=x_LD.shape[0]),
-                            num_assignments=x_LD.shape[0])
-        weights, biases = list(experts.weights), list(experts.biases)
-        dtype = x_LD.dtype
-        run_dtype = compute_dtype(weights[0].dtype, x_LD.device.type)
-        with torch.autocast(x_LD.device.type, enabled=False):
-            x_LD = x_LD.to(run_dtype)
-            if experts.recompute_activations and torch.is_grad_enabled():
-                y_LO = checkpoint(_feed_forward, self.linear, grouping, x_LD, *weights, *biases,
-                                  use_reentrant=False)
-            else:
-                y_LO = _feed_forward(self.linear, grouping, x_LD, *weights, *biases)
-        return y_LO.to(dtype)
+                            key_S=torch.arange(G, device=x_SD.device).repeat_interleave(
+                                counts_G, output_size=x_SD.shape[0]),
+                            num_assignments=x_SD.shape[0])
+        dtype = compute_dtype(experts.weights[0].dtype, x_SD.device.type)
+        with torch.autocast(x_SD.device.type, enabled=False):
+            y_SO = self._feed_forward(experts, x_SD.to(dtype), grouping)
+        return y_SO.to(x_SD.dtype)

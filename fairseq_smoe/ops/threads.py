@@ -1,7 +1,7 @@
 """Independent pieces of CPU work run side by side, one per intra-op thread (the speed of paper §3 on CPU).
 
 The MoE layer's CPU work comes in many small independent pieces: one expert's matrix products
-(experts.py), one block of rows of the gate's elementwise math (noisy_topk.py). Splitting each
+(loop_experts.py), one block of rows of the gate's elementwise math (noisy_topk.py). Splitting each
 small piece over T threads pays a thread barrier per operation, and on a shared, oversubscribed
 CPU each barrier can wait for a descheduled thread (measured here: the same 32 products 2-3×
 slower with 2 intra-op threads than with 1 under load). Running T pieces at once, each with

@@ -23,6 +23,9 @@ against a dense reference).
 Noise (``gate_noise``) is one ``torch.randn`` on the device's generator, the same for every expert
 backend; ``torch.manual_seed`` makes it reproducible.
 
+``route`` is what the gates call (modules/gating.py, modules/secondary_gates.py): it turns the
+backend and the grouping of the rows into the plumbing arguments of ``noisy_top_k``.
+
 Inside ``torch.compile`` the blocks, their ``out=`` writes, the reused buffers and the thread pool
 cannot be traced: there ``noisy_top_k`` runs ``_NoisyTopKTraced``, the same formulas and backward
 over all rows at once, which the compiler fuses (tests/test_compile.py holds it to the blocked
@@ -35,11 +38,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..ops import threads
-from ..ops.autograd import first_order_only
-from ..ops.workspace import Workspace
+from . import threads
+from .autograd import first_order_only
+from .workspace import Workspace
 
-NOISE_BLOCK_ROWS = 256  # rows per block of the earlier per-block noise streams (tests read it)
 _INV_SQRT2 = 0.5**0.5
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Elements per block of the fused pass (1 MiB per fp32 temporary): measured fastest here among
@@ -336,3 +338,23 @@ def noisy_top_k(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optio
         logits_T2E.contiguous(), noise_TE.to(logits_T2E.dtype).contiguous(), valid_T, k,
         noise_epsilon, workspace, segment_rows, single_pass, segment_T, num_segments)
     return gate_TK, expert_TK, load_GE[0] if segment_rows is None and segment_T is None else load_GE
+
+
+def route(logits_T2E: torch.Tensor, noise_TE: torch.Tensor, valid_T: Optional[torch.Tensor], k: int,
+          noise_epsilon: float, workspace: Optional[Workspace] = None, backend=None, segments=None):
+    """``noisy_top_k`` run the way ``backend`` routes (an ops backend; None: the loop's way).
+
+    ``segments`` (a ``Grouping``, or None for one batch of all rows) makes the rows separate
+    batches, group after group, with the load [G, E] per group: from its host counts on the loop
+    backend (blocks never cross a group's end), from each row's group on the device on the
+    resident ones. The resident backends run all rows as one block, so the number of kernels
+    does not depend on the number of rows and no host data is copied to the device."""
+    resident = backend is not None and backend.resident
+    if segments is None:
+        return noisy_top_k(logits_T2E, noise_TE, valid_T, k, noise_epsilon, workspace,
+                           single_pass=resident)
+    if resident:
+        return noisy_top_k(logits_T2E, noise_TE, valid_T, k, noise_epsilon, workspace,
+                           segment_T=segments.group_S, num_segments=segments.num_groups)
+    return noisy_top_k(logits_T2E, noise_TE, valid_T, k, noise_epsilon, workspace,
+                       segment_rows=segments.counts)
