@@ -325,18 +325,19 @@ def count_proxy(moe: nn.Module, backend: str, x: torch.Tensor, grad_y: torch.Ten
         moe.backend = previous
         if backend == "triton":
             triton_experts.DRY_RUN[0] = False
-    return {"host_reads": len(counts.host_reads), "aten_ops": counts.aten_ops,
-            "triton_launches": counts.launches, "kernels": counts.kernels,
-            "reads": sorted(set(counts.host_reads)), "dry_run": dry_run}
+    return {"host_reads": len(counts.host_reads), "host_copies": len(counts.host_copies),
+            "aten_ops": counts.aten_ops, "triton_launches": counts.launches, "kernels": counts.kernels,
+            "reads": sorted(set(counts.host_reads)), "syncs": sorted(set(counts.syncs)),
+            "dry_run": dry_run}
 
 
 PROXY_HEADER = (f"{'config':<11}{'tokens':>7} {'dtype':<5}{'dev':<5}{'backend':<11}{'reads':>6}"
-                f"{'aten':>8}{'triton':>7}{'kernels':>8}")
+                f"{'copies':>7}{'aten':>8}{'triton':>7}{'kernels':>8}")
 
 
 def format_proxy(r: Row) -> List[str]:
     return [f"{r.config:<11}{r.tokens:>7} {r.dtype:<5}{r.device:<5}{b:<11}{p['host_reads']:>6}"
-            f"{p['aten_ops']:>8}{p['triton_launches']:>7}{p['kernels']:>8}"
+            f"{p.get('host_copies', 0):>7}{p['aten_ops']:>8}{p['triton_launches']:>7}{p['kernels']:>8}"
             for b, p in r.proxy.items()]
 
 
