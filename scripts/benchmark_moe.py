@@ -42,7 +42,7 @@ training step of the MoE layer (forward + backward) counted by fairseq_smoe/ops/
     triton      Triton kernel launches (triton backend)
     kernels     aten + triton: the launch proxy; at 5-10 µs per launch it bounds a GPU step
 The loop backend is counted on its real step. The device-resident backends issue the same
-operators whatever the values (tests/test_moe_backends.py checks it), so on CPU the triton
+operators whatever the values (tests/test_module_backends.py checks it), so on CPU the triton
 backend's launches are counted without running them (the interpreter would take minutes at
 these sizes) and grouped_mm runs torch's CPU _grouped_mm.
 

@@ -14,7 +14,7 @@
 # budget ends is recorded as skipped):
 #   bundle        install .whl/ into outputs/device-site (only if fairseq does not import)
 #   import_check  fairseq, the plugin, and which of fairseq's compiled extensions load
-#   pytest_gpu    pytest -m gpu tests/test_moe_backends.py: the backend tests on CUDA, Triton
+#   pytest_gpu    pytest -m gpu tests/test_module_backends.py: the backend tests on CUDA, Triton
 #                 compiled (TRITON_INTERPRET=0); rehearsal: --collect-only
 #   sync_debug    torch.cuda.set_sync_debug_mode("warn") over one training step of a flat and a
 #                 hierarchical layer per backend (loop, grouped_mm, triton) and dtype (fp32,
@@ -146,7 +146,7 @@ fi
 xdist=()
 # pytest-xdist (on the device's image): Triton compiles the kernels of 82 tests on 4 processes.
 "$py" -c 'import xdist' > /dev/null 2>&1 && xdist=(-n 4)
-pytest_args=(-q -p no:cacheprovider -m gpu -o addopts="" --durations=10 "${xdist[@]}" tests/test_moe_backends.py)
+pytest_args=(-q -p no:cacheprovider -m gpu -o addopts="" --durations=10 "${xdist[@]}" tests/test_module_backends.py)
 if [ "$rehearsal" = 1 ]; then
   step pytest_gpu 60 "$py" -m pytest --collect-only "${pytest_args[@]}"
 else

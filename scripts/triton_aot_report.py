@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the triton backend ahead of time, without a GPU, and report
 registers, spills and shared memory per kernel and config (docs/performance.md, "Triton kernels
-ahead of time"; tests/test_triton_aot.py runs it).
+ahead of time"; tests/test_module_triton_aot.py runs it).
 
     python scripts/triton_aot_report.py                       # sm_80 and sm_90, the table
     python scripts/triton_aot_report.py --arch 80,86,90,100   # other targets

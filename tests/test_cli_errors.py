@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from test_distributed_fairseq import BIN, MODEL, ROOT, corpus  # noqa: F401  (module fixture)
+from test_cli_distributed import BIN, MODEL, ROOT, corpus  # noqa: F401  (module fixture)
 
 from fairseq_smoe.compat import cli_errors
 from fairseq_smoe.modules import HierarchicalMoELayer, MoELayer

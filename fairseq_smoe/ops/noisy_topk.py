@@ -16,8 +16,8 @@ reads the logits and the noise once and the backward the logits and the saved st
 block of rows, with every temporary small enough to stay in cache, and blocks run on the
 intra-op threads side by side (threads.py). Backward recomputes z; H is differentiable only at
 each row's k+1 top values, so only the noise there is kept. The gradients are the exact
-derivatives of the formulas above, the same as autograd's (tests/test_moe_formulas.py checks
-them against autograd through ``balance.smooth_load``, tests/test_moe_layer.py the whole layer
+derivatives of the formulas above, the same as autograd's (tests/test_formula_moe.py checks
+them against autograd through ``balance.smooth_load``, tests/test_module_moe_layer.py the whole layer
 against a dense reference).
 
 Noise (``gate_noise``) is one ``torch.randn`` on the device's generator, the same for every expert
@@ -28,7 +28,7 @@ backend and the grouping of the rows into the plumbing arguments of ``noisy_top_
 
 Inside ``torch.compile`` the blocks, their ``out=`` writes, the reused buffers and the thread pool
 cannot be traced: there ``noisy_top_k`` runs ``_NoisyTopKTraced``, the same formulas and backward
-over all rows at once, which the compiler fuses (tests/test_compile.py holds it to the blocked
+over all rows at once, which the compiler fuses (tests/test_module_compile.py holds it to the blocked
 Function and a compiled layer step to the eager one).
 """
 

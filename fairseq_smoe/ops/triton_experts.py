@@ -36,7 +36,8 @@ K the reduced dimension, with tiles BM, BN, BK.
 
 Under ``torch.compile`` the layer calls the kernels through the custom operators
 ``fairseq_smoe::grouped_linear`` and ``fairseq_smoe::grouped_wgrad`` (fake implementations and
-autograd registered), so a ``fullgraph=True`` compile of a training step traces (tests/test_compile.py).
+autograd registered), so a ``fullgraph=True`` compile of a training step traces
+(tests/test_module_compile.py).
 """
 
 import os

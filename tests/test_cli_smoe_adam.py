@@ -1,5 +1,5 @@
 """``fairseq-train --optimizer smoe_adam`` end to end (the tiny LSTM-MoE LM of
-test_distributed_fairseq.py, PTB sentences, CPU):
+test_cli_distributed.py, PTB sentences, CPU):
 
 * the loss falls; the experts' optimizer state is > 90 % smaller than Adam's would be;
 * resuming from a mid-run checkpoint ends exactly where the uninterrupted run ended
@@ -17,13 +17,13 @@ import shutil
 
 import pytest
 import torch
-from test_distributed_fairseq import corpus, merged_model, train, train_losses  # noqa: F401
+from test_cli_distributed import corpus, merged_model, train, train_losses  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 EXPERT_KEYS = ["decoder.moe.moe.experts.weights.0", "decoder.moe.moe.experts.weights.1",
                "decoder.moe.moe.experts.biases.0", "decoder.moe.moe.experts.biases.1"]
-EXPERT_PARAMS = 4 * (32 * 48 + 48 + 48 * 32 + 32)  # the model of test_distributed_fairseq
+EXPERT_PARAMS = 4 * (32 * 48 + 48 + 48 * 32 + 32)  # the model of test_cli_distributed
 OPT = ["--optimizer", "smoe_adam", "--adam-eps", "1e-3", "--lr", "0.01", "--clip-norm", "0.5",
        "--moe-gating", "top_k", "--moe-w-importance", "0", "--moe-w-load", "0",
        "--disable-validation", "--no-epoch-checkpoints", "--save-interval-updates", "1"]

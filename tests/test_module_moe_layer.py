@@ -357,7 +357,7 @@ def test_backends_run_the_experts_as_the_reference_forward():
 
 
 # The grouped_mm and triton backends (fairseq_smoe/ops) against the loop and the dense reference,
-# their choice and errors: tests/test_moe_backends.py.
+# their choice and errors: tests/test_module_backends.py.
 
 
 @pytest.mark.parametrize("gating", ["noisy_top_k", "batchwise"])

@@ -6,7 +6,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from test_lm_e2e import cli, corpus  # noqa: F401  (corpus: the tiny LM fixture)
+from test_cli_lm import cli, corpus  # noqa: F401  (corpus: the tiny LM fixture)
 
 from fairseq_smoe.compat import install_all, patience_resume
 

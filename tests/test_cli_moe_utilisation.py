@@ -10,8 +10,8 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_fairseq_integration import _reversal_corpus
-from test_lm_e2e import cli, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
+from test_cli_integration import _reversal_corpus
+from test_cli_lm import cli, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
 
 pytestmark = pytest.mark.slow
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python") if os.path.isdir(os.path.join(ROOT, ".venv")) \

@@ -15,7 +15,7 @@ CUDA and inside a compile goes to the triton operator.
 
 import os
 
-# Before triton is imported anywhere (see tests/test_moe_backends.py).
+# Before triton is imported anywhere (see tests/test_module_backends.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from conftest import ROOT
-from test_lm_e2e import BIN, cli, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
+from test_cli_lm import BIN, cli, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
 
 pytestmark = pytest.mark.slow
 

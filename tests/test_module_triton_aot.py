@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-# Before triton is imported anywhere (see tests/test_moe_backends.py).
+# Before triton is imported anywhere (see tests/test_module_backends.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

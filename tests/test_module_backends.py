@@ -263,7 +263,7 @@ def test_counter_sees_host_copies_with_their_site():
         torch.tensor([1, 2])
         torch.full((), 5) + 1
     assert len(counts.host_copies) == 3, counts.host_copies
-    assert all("test_moe_backends.py:" in site for site in counts.host_copies)
+    assert all("test_module_backends.py:" in site for site in counts.host_copies)
     assert counts.host_reads == []
 
 
@@ -417,7 +417,7 @@ def test_benchmark_reports_the_launch_and_sync_proxy(tmp_path):
 def test_language_model_forward_adds_no_host_reads(backend):
     """The LM decoder (LSTM -> MoE -> LSTM) on a padded batch: a training step of the model reads
     nothing back on a device-resident backend (no padding_mask.any() of its own)."""
-    from test_lm_model import build_decoder
+    from test_module_lm_model import build_decoder
 
     decoder = build_decoder(moe_experts_backend=backend, moe_hidden_dim=16)
     assert decoder.moe.moe.backend == backend

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from test_expert_parallel import (  # noqa: E402
+from test_module_expert_parallel import (  # noqa: E402
     ROWS,
     SPLIT,
     TOL,

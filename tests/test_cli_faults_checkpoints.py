@@ -23,8 +23,8 @@ from collections import OrderedDict
 import pytest
 import torch
 from conftest import ROOT
-from test_expert_parallel_checkpoints import full_state, plan
-from test_lm_e2e import BIN, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
+from test_cli_lm import BIN, corpus, train  # noqa: F401  (corpus: the tiny LM fixture)
+from test_module_expert_checkpoints import full_state, plan
 
 from fairseq_smoe.checkpoint_files import CHECKSUM_KEY
 from fairseq_smoe.compat import checkpoint_safety, install_all
