@@ -74,9 +74,9 @@ def build_on_meta(arch: str, vocab: int, cutoff=None):
     from fairseq.data import Dictionary
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    from fairseq_smoe.compat import install_all
+    from fairseq_smoe.plugin import install
 
-    install_all()  # registers the plugin with fairseq, installs its patches
+    install()  # registers the plugin with fairseq, installs its patches
 
     argv = ["unused", "--task", "language_modeling", "--arch", arch, "--user-dir",
             os.path.join(ROOT, "fairseq_smoe")]

@@ -88,9 +88,9 @@ def load(args):
     logging.disable(logging.WARNING)
     from fairseq import checkpoint_utils
 
-    from fairseq_smoe.compat import install_all
+    from fairseq_smoe.plugin import install
 
-    install_all()  # registers the models with fairseq (what --user-dir does)
+    install()  # registers the models with fairseq (what --user-dir does)
 
     if not os.path.isfile(args.path):
         fail(f"no checkpoint at {args.path}; train one first (bash scripts/demo.sh)")

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import torch
 from fairseq.data import Dictionary
 
-from fairseq_smoe.compat import install_all
 from fairseq_smoe.models import lstm_moe_nmt as nmt
+from fairseq_smoe.plugin import install
 
-install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
+install()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 
 def make_dictionary(num_symbols: int = 20) -> Dictionary:

@@ -70,9 +70,9 @@ def merged_model(path):
     """The model weights of a checkpoint as this process's loader sees it (shards merged)."""
     from fairseq import checkpoint_utils
 
-    from fairseq_smoe.compat import install_all
+    from fairseq_smoe.plugin import install
 
-    install_all()  # registers the plugin with fairseq, installs its patches
+    install()  # registers the plugin with fairseq, installs its patches
 
     return checkpoint_utils.load_checkpoint_to_cpu(path)["model"]
 

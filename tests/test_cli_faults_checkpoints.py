@@ -27,15 +27,16 @@ from test_cli_lm import BIN, corpus, train  # noqa: F401  (corpus: the tiny LM f
 from test_module_expert_checkpoints import full_state, plan
 
 from fairseq_smoe.checkpoint_files import CHECKSUM_KEY
-from fairseq_smoe.compat import checkpoint_safety, install_all
+from fairseq_smoe.compat import checkpoint_safety
 from fairseq_smoe.distributed.checkpoints import (
     last_consistent_checkpoint,
     load_for_this_process,
     select_expert_shard,
     shard_path,
 )
+from fairseq_smoe.plugin import install
 
-install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
+install()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 ARCH = "lstm_moe_lm_tiny"
 

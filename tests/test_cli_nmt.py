@@ -83,9 +83,9 @@ def eval_expert_shares(data, checkpoint):
     per MoE layer, (tokens, per-expert counts, unrouted tokens)."""
     from fairseq import checkpoint_utils
 
-    from fairseq_smoe.compat import install_all
+    from fairseq_smoe.plugin import install
 
-    install_all()  # registers the plugin with fairseq, installs its patches
+    install()  # registers the plugin with fairseq, installs its patches
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(checkpoint)], arg_overrides={"data": str(data / "bin")})

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 from test_cli_lm import cli, corpus  # noqa: F401  (corpus: the tiny LM fixture)
 
-from fairseq_smoe.compat import install_all, patience_resume
+from fairseq_smoe.compat import patience_resume
+from fairseq_smoe.plugin import install
 
-install_all()
+install()
 
 
 def checkpoint_cfg(metric="bleu", maximize=True):

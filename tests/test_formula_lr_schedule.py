@@ -8,13 +8,13 @@ from fairseq.optim import FairseqOptimizer
 from fairseq.optim.lr_scheduler import LR_SCHEDULER_REGISTRY, build_lr_scheduler
 from omegaconf import OmegaConf
 
-from fairseq_smoe.compat import install_all
 from fairseq_smoe.lr_scheduler.warmup_hold_inverse_sqrt import (
     WarmupHoldInverseSqrtConfig,
     warmup_hold_inverse_sqrt_lr,
 )
+from fairseq_smoe.plugin import install
 
-install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
+install()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 
 class _SGD(FairseqOptimizer):

@@ -13,11 +13,11 @@ from fairseq.data import Dictionary
 from fairseq.logging import metrics
 from fairseq.models import ARCH_CONFIG_REGISTRY, FairseqLanguageModel
 
-from fairseq_smoe.compat import install_all
 from fairseq_smoe.criterions.smoe_cross_entropy import SMoECrossEntropyCriterion
 from fairseq_smoe.models.lstm_moe_lm import LSTMMoEDecoder
+from fairseq_smoe.plugin import install
 
-install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
+install()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 
 def build_model(arch="lstm_moe_lm_tiny", num_words=60, **overrides):

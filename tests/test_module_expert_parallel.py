@@ -199,9 +199,9 @@ def fairseq_like_step(model, x, target):
 
 
 def _ddp_case(rank, backend):
-    from fairseq_smoe.compat import install_all
+    from fairseq_smoe.plugin import install
 
-    install_all()  # registers the plugin with fairseq, installs its patches
+    install()  # registers the plugin with fairseq, installs its patches
     from fairseq_smoe.compat.trainer_hooks import clip_grad_norm_with_sharded_experts, current_plan
     from fairseq_smoe.distributed.checkpoints import SHARD_META_KEY
     from fairseq_smoe.models.parallel import setup_expert_parallel

@@ -7,12 +7,12 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY
 
-from fairseq_smoe.compat import install_all
 from fairseq_smoe.models.lm_costs import lm_costs
 from fairseq_smoe.models.lstm_moe_lm import LSTMMoEDecoder, adaptive_softmax_cutoffs
 from fairseq_smoe.modules import ProjectedLSTM
+from fairseq_smoe.plugin import install
 
-install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
+install()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 
 def make_dictionary(num_words=50):

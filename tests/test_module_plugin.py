@@ -35,9 +35,9 @@ def test_trusted_checkpoint_loading_is_limited_to_fairseq_checkpoint_utils(tmp_p
     from fairseq import checkpoint_utils
     from omegaconf import OmegaConf
 
-    from fairseq_smoe.compat import install_all
+    from fairseq_smoe.plugin import install
 
-    install_all()  # registers the plugin with fairseq, installs its patches
+    install()  # registers the plugin with fairseq, installs its patches
 
     path = str(tmp_path / "checkpoint.pt")
     state = {
@@ -63,9 +63,9 @@ def test_last_partial_batch_is_kept():
     import numpy as np
     from fairseq.data import data_utils
 
-    from fairseq_smoe.compat import install_all
+    from fairseq_smoe.plugin import install
 
-    install_all()  # registers the plugin with fairseq, installs its patches
+    install()  # registers the plugin with fairseq, installs its patches
 
     indices = np.arange(100)
     sizes = np.full(100, 10)
@@ -168,6 +168,10 @@ def test_install_all_installs_every_patch_and_each_switch_turns_its_patch_off():
     code = ("from fairseq_smoe import compat\n"
             "import fairseq_cli.train\n"  # as in a fairseq command: imported before the plugin
             "state = compat.install_all()\n"
+            "from fairseq.criterions import CRITERION_REGISTRY as criteria\n"
+            "assert 'smoe_cross_entropy' not in criteria  # patches only patch\n"
+            "from fairseq_smoe.plugin import install\n"
+            "install()\n"
             "from fairseq.models import ARCH_MODEL_REGISTRY\n"
             "from fairseq.criterions import CRITERION_REGISTRY\n"
             "from fairseq.optim import OPTIMIZER_REGISTRY\n"

@@ -8,7 +8,6 @@ import torch
 from conftest import load_script
 from omegaconf import OmegaConf
 
-from fairseq_smoe.compat import install_all
 from fairseq_smoe.distributed.checkpoints import merge_expert_shards, select_expert_shard, shard_path
 from fairseq_smoe.modules import MoELayer
 from fairseq_smoe.optim.smoe_adam import (
@@ -18,8 +17,9 @@ from fairseq_smoe.optim.smoe_adam import (
     is_expert_param,
     state_elements,
 )
+from fairseq_smoe.plugin import install
 
-install_all()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
+install()  # the plugin, as --user-dir does: registers it with fairseq, installs its patches
 
 LR, BETAS, EPS, WD = 0.01, (0.8, 0.95), 1e-6, 0.1
 

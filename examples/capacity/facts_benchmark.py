@@ -212,9 +212,9 @@ def score_checkpoint(checkpoint, bin_dir, task=None, chunk=256):
         logging.disable(logging.WARNING)
         from fairseq import checkpoint_utils
 
-        from fairseq_smoe.compat import install_all
+        from fairseq_smoe.plugin import install
 
-        install_all()
+        install()
         models, _, fs_task = checkpoint_utils.load_model_ensemble_and_task(
             [checkpoint], arg_overrides={"data": bin_dir})
         model = models[0].eval()

@@ -226,10 +226,10 @@ def model_costs(model, width):
     sys.path.insert(0, ROOT)
     from fairseq.models import ARCH_CONFIG_REGISTRY
 
-    from fairseq_smoe.compat import install_all
     from fairseq_smoe.models.lm_costs import expert_costs, gate_params, lm_costs
+    from fairseq_smoe.plugin import install
 
-    install_all()
+    install()
     parser = argparse.ArgumentParser()
     for option in ("--decoder-embed-dim", "--decoder-hidden-size", "--moe-num-experts", "--moe-k",
                    "--moe-hidden-dim", "--moe-groups", "--lstm-layers-before-moe",

@@ -1,11 +1,11 @@
 """Every change fairseq-smoe makes to fairseq, in one place, each with an off switch.
 
-Nothing here runs on import: ``install_all()`` installs the patches and registers the plugin's
-models, criteria, lr scheduler and optimizer with fairseq. fairseq calls it itself through
-``--user-dir fairseq_smoe`` (its ``import_models`` imports ``fairseq_smoe.models``, whose
-``__init__`` calls ``install_all()``). A Python program that drives fairseq in-process calls
-``fairseq_smoe.compat.install_all()`` (or imports ``fairseq_smoe.models``) before it.
-``fairseq_smoe.modules`` (the layer) never imports this package.
+Nothing here runs on import: ``install_all()`` installs the patches, and only them. fairseq
+calls it through ``--user-dir fairseq_smoe`` (its ``import_models`` imports
+``fairseq_smoe.models``, whose ``__init__`` calls it and then registers the plugin's models,
+criteria, lr scheduler and optimizer). A Python program that drives fairseq in-process calls
+``fairseq_smoe.plugin.install()``, which does both. ``fairseq_smoe.modules`` (the layer) never
+imports this package.
 
 The trainer's own checkpoint methods are wrapped once (``trainer_checkpoint.py``); the patches
 that act around them register hooks there, in the order its ``ORDER`` table gives.
@@ -95,7 +95,8 @@ def _function(patch: Patch) -> Callable[[], None]:
 
 
 def install_all() -> Dict[str, bool]:
-    """Install every enabled patch and register the plugin with fairseq. Idempotent.
+    """Install every enabled patch. Idempotent. (Registration is fairseq_smoe.models' job:
+    ``fairseq_smoe.plugin.install()`` does both.)
 
     Returns {patch name: installed?}."""
     global _started
@@ -110,13 +111,6 @@ def install_all() -> Dict[str, bool]:
     off = [p.variable for p in PATCHES if not _installed[p.name]]
     if off:
         logger.info(f"fairseq-smoe: patches of fairseq switched off: {', '.join(off)}")
-    # Registration: fairseq's --user-dir imports only models/ and tasks/ of the plugin. The
-    # models themselves register when fairseq_smoe.models is imported (its __init__ lists them);
-    # a program calling install_all() directly gets them here too.
-    for package in ("criterions", "lr_scheduler", "optim"):
-        importlib.import_module(f"fairseq_smoe.{package}")
-    for module in ("lstm_moe_lm", "lstm_moe_nmt"):
-        importlib.import_module(f"fairseq_smoe.models.{module}")
     return dict(_installed)
 
 

@@ -1,17 +1,22 @@
-"""fairseq models of fairseq-smoe.
+"""The plugin as fairseq's ``--user-dir fairseq_smoe`` loads it: importing this package installs
+the patches of fairseq (``compat.install_all``) and registers, in this order:
 
-fairseq's ``--user-dir fairseq_smoe`` imports this package. It installs the plugin's patches of
-fairseq and registers the criteria, lr scheduler and optimizer (``compat.install_all``), then
-registers the models and their ``--arch`` presets, module by module:
+    criteria        smoe_cross_entropy, smoe_label_smoothed_cross_entropy
+                    (criterions/smoe_cross_entropy.py)
+    lr scheduler    warmup_hold_inverse_sqrt (lr_scheduler/warmup_hold_inverse_sqrt.py)
+    optimizers      smoe_adam, smoe_adamw (optim/smoe_adam.py)
+    models          lstm_moe_lm and its --arch presets (lstm_moe_lm.py);
+                    lstm_moe_nmt and its --arch presets (lstm_moe_nmt.py)
 
-    lstm_moe_lm    model lstm_moe_lm and its presets (App. C: MoE-4 ... MoE-4096-h, baselines)
-    lstm_moe_nmt   model lstm_moe_nmt and its presets (§5.3, App. E)
-
-(``lm_costs`` and ``run_checks`` are helpers of these and register nothing.)
+(``lm_costs``, ``parallel`` and ``run_checks`` here are helpers of the models and register
+nothing.) A program driving fairseq in-process calls ``fairseq_smoe.plugin.install()``.
 """
 
 from .. import compat
 
 compat.install_all()
 
-from . import lstm_moe_lm, lstm_moe_nmt  # noqa: E402, F401  (register the models)
+from ..criterions import smoe_cross_entropy  # noqa: E402, F401
+from ..lr_scheduler import warmup_hold_inverse_sqrt  # noqa: E402, F401
+from ..optim import smoe_adam  # noqa: E402, F401
+from . import lstm_moe_lm, lstm_moe_nmt  # noqa: E402, F401

@@ -72,9 +72,9 @@ def preset_table() -> str:
     """Markdown table of every registered lstm_moe_lm architecture."""
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY
 
-    from fairseq_smoe.compat import install_all
+    from fairseq_smoe.plugin import install
 
-    install_all()  # registers the plugin with fairseq, installs its patches
+    install()  # registers the plugin with fairseq, installs its patches
 
     rows = ["| `--arch` | experts (groups) | k | expert hidden | LSTMs below+above MoE × units | "
             "params (M) | ops/timestep (M) |",
