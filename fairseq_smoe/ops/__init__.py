@@ -43,8 +43,8 @@ the local experts with ``feed_forward`` and adds the returned rows up with ``com
 The fused noisy top-k pass of the gates (noisy_topk.py) also runs the backend's way.
 """
 
+import importlib.util
 import os
-import sys
 from typing import Sequence
 
 import torch
@@ -77,11 +77,9 @@ def compute_dtype(param_dtype: torch.dtype, device_type: str) -> torch.dtype:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton is installed, found without importing it (an import before the triton
+    backend's own would fix Triton's interpreter mode for the process: triton_experts.py)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ()) -> str:
@@ -102,16 +100,6 @@ def resolve(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ()) -> 
 _BACKENDS = {}
 
 
-def _interpret_without_cuda(device) -> None:
-    """The triton backend chosen for CPU tensors runs under Triton's interpreter, which triton
-    sets up only when TRITON_INTERPRET is set at its first import: set it here, where the backend
-    is chosen, if nothing imported triton yet (importing this package changes nothing;
-    triton_experts refuses clearly when triton came first without it)."""
-    if torch.device(device).type != "cuda" and "TRITON_INTERPRET" not in os.environ \
-            and "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-
-
 def get_backend(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ()):
     """The backend object for ``name`` (resolving ``auto``); checks what it needs (triton
     installed, ``torch._grouped_mm`` present, aligned sizes) with a clear error."""
@@ -126,7 +114,6 @@ def get_backend(name: str, device, dtype: torch.dtype, dims: Sequence[int] = ())
         elif concrete == "grouped_mm":
             from .grouped_mm import GroupedMMBackend as cls
         else:
-            _interpret_without_cuda(device)
             from .triton_experts import TritonBackend as cls
         _BACKENDS[concrete] = cls()
     return _BACKENDS[concrete]

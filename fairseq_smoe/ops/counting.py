@@ -112,6 +112,14 @@ def _launch_count() -> int:
 def count_step():
     """Count host reads, ATen operators and Triton launches inside the block (see above)."""
     counts = StepCounts()
+    # Entering a dispatch mode makes torch import triton (for its own kernels). On a machine
+    # without CUDA the triton backend needs triton imported in interpreter mode, which only its
+    # own module sets up: load it first, so a step counted here can still run on that backend.
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        from . import triton_available
+
+        if triton_available():
+            from . import triton_experts  # noqa: F401
     originals = {name: getattr(torch.Tensor, name) for name in _TENSOR_READS}
 
     def reader(name, original):

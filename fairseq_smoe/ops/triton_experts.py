@@ -21,9 +21,9 @@ small table built on the device (``_tile_table``: a cumsum and a searchsorted) m
 to its group and first row, and programs past the last tile return at once. Rows of the dropped
 tail (past the last offset) are never touched: outputs start zeroed.
 
-On CPU the same kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by
-``ops.get_backend`` when the triton backend is chosen for CPU tensors, the variable is unset and
-triton is not imported yet). The interpreter
+On CPU the same kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set when this
+module, the triton backend, is first imported on a machine without CUDA, the variable unset and
+triton not imported yet: nothing else of the plugin sets it). The interpreter
 evaluates a bf16 ``tl.dot`` wrongly (numpy has no bf16), so there the operands are widened to
 fp32 first; on a GPU they go to the tensor cores as they are.
 
@@ -41,6 +41,7 @@ autograd registered), so a ``fullgraph=True`` compile of a training step traces
 """
 
 import os
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -48,6 +49,12 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .autograd import first_order_only
 from .resident import ResidentBackend
+
+# Choosing this backend on a machine without CUDA means Triton's interpreter, which triton sets
+# up only if TRITON_INTERPRET is set when it is first imported: set it here, before the import.
+if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules \
+        and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 try:
     import triton
