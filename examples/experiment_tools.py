@@ -100,3 +100,19 @@ def pyplot(tool: str):
         say(tool, "matplotlib not installed: no plot")
         return None
     return plt
+
+
+def learning_curves(log_path: str, per_update: int = 1):
+    """(x, training perplexity) at every fairseq log interval and (x, validation perplexity) at
+    every validation of the log at ``log_path``; x counts updates times ``per_update`` (e.g. the
+    tokens of a batch, for tokens seen)."""
+    train, valid = [], []
+    with open(log_path) as f:
+        for line in f:
+            m = re.search(r"train_inner \|.* ppl=([\d.]+),.*num_updates=(\d+)", line)
+            if m:
+                train.append((int(m.group(2)) * per_update, float(m.group(1))))
+            m = re.search(r"valid on 'valid' subset \|.* ppl ([\d.]+) \|.* num_updates (\d+)", line)
+            if m:
+                valid.append((int(m.group(2)) * per_update, float(m.group(1))))
+    return train, valid

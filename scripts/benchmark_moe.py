@@ -72,7 +72,7 @@ from fairseq_smoe.ops.workspace import Workspace  # noqa: E402
 
 PAPER_CONFIGS = ("moe-4", "moe-32", "moe-256", "moe-256-h", "moe-1024-h")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Targets of issue 6 (2-core CPU, fp32, forward + backward), keyed by (config, tokens).
+# The targets (2-core CPU, fp32, forward + backward), keyed by (config, tokens).
 TARGETS = {("moe-32", 8192): 1.05, ("moe-256", 8192): 1.20, ("moe-1024-h", 8192): 1.6,
            ("moe-256", 32768): 1.10}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training words/s of the LM presets with fairseq-train: MoE-32 against the MoE-1-Wide baseline.
 
-Issue 6, item 4: end to end, the MoE-32 language model (§5.1: LSTM → MoE of 32 experts of
+End to end, the MoE-32 language model (§5.1: LSTM → MoE of 32 experts of
 hidden 1024, k = 4 → LSTM) must reach at least 0.9× the training words/s of its computationally
 matched baseline MoE-1-Wide (one expert of hidden 4096). Both run the same fairseq-train command
 on the same data for a fixed number of updates, alternating (baseline, MoE, baseline, MoE, ...)

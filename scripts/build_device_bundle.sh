@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the wheel bundle that the lent GPU machine needs to run fairseq (issue 26).
+# Build the wheel bundle that the lent GPU machine needs to run fairseq.
 #
 #   bash scripts/build_device_bundle.sh          # writes .whl/ (ignored) and .whl/MANIFEST.txt
 #

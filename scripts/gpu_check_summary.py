@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The Python half of scripts/gpu_check.sh (issue 26): what is easier to get right, and to test
+"""The Python half of scripts/gpu_check.sh: what is easier to get right, and to test
 (tests/test_cli_gpu_check.py), in Python than in bash.
 
     gpu_check_summary.py install-bundle WHEELS TARGET   install .whl/ (MANIFEST.txt) into TARGET

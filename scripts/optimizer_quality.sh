@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# smoe_adam against Adam on the demo budget (issue 14, item 5): the recipe of scripts/demo.sh
+# smoe_adam against Adam on the demo budget: the recipe of scripts/demo.sh
 # (lstm_moe_lm_wikitext2_demo, WikiText-2, $SMOE_DEMO_UPDATES = 300 updates of 2048 tokens,
 # seed 1), trained once per optimizer, one after the other, then test perplexity with
 # fairseq-eval-lm on the full test split. Outputs: outputs/optimizer_quality/{adam,smoe_adam}/.

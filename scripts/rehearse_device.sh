@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rehearse the GPU check on this CPU machine before a GPU is lent (issue 26).
+# Rehearse the GPU check on this CPU machine before a GPU is lent.
 #
 #   bash scripts/rehearse_device.sh               # build the replica if needed, then rehearse
 #   bash scripts/rehearse_device.sh --build-only  # only build (or check) the replica venv

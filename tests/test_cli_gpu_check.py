@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh and its helpers (issue 26), without a GPU, downloads or fairseq runs: the
+"""scripts/gpu_check.sh and its helpers, without a GPU, downloads or fairseq runs: the
 scripts parse, the bundle installs from its manifest (and refuses a damaged one in one line),
 every sync warning is counted with its place, the summary makes exactly one tarball and one JSON,
 and the benchmark writes each row as it finishes and goes on past a failing one."""

@@ -92,7 +92,7 @@ def test_hierarchical_layer_gets_a_group_by_expert_table(corpus, tmp_path):  # n
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: one line naming the fix, before any analysis (issue 29).
+# Bad input: one line naming the fix, before any analysis.
 
 def refused(*args, usage=False):
     """(the error line, stdout) of a run that must end with one line of error and status 2

@@ -1,4 +1,4 @@
-"""The capacity benchmark of examples/capacity/facts_benchmark.py (issue 27): its data generator,
+"""The capacity benchmark of examples/capacity/facts_benchmark.py: its data generator,
 the recall and information scorer, the bits formulas, its argument errors, and (slow) one tiny
 run through fairseq-preprocess, fairseq-train and the checkpoint scorer."""
 

@@ -1,4 +1,4 @@
-"""The long experiment scripts under examples/ (issue 15): what they read from fairseq's logs,
+"""The long experiment scripts under examples/: what they read from fairseq's logs,
 and that their tables and plots come from the committed results files alone (the work
 directories under outputs/ do not outlive a checkout)."""
 

@@ -1,4 +1,4 @@
-"""The speed levers of issue 6 must not change results: reused buffers (workspace.py) are never
+"""The speed levers must not change results: reused buffers (workspace.py) are never
 handed out while anything still holds them, and the fused dispatch/combine/expert Functions give
 the same values and gradients as with reuse disabled."""
 

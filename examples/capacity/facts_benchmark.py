@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A capacity benchmark (issue 27): at equal compute per token, do more experts store more facts?
+"""A capacity benchmark: at equal compute per token, do more experts store more facts?
 
 The task: every line of the corpus is one fact ``k1 k2 attr value``: two keys from a shared key
 vocabulary, an attribute, and a value drawn at random. The value depends on the triple

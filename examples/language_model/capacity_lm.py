@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The paper's central claim on real text in its regime, data ≫ active capacity (issue 27, part 2).
+"""The paper's central claim on real text in its regime, data ≫ active capacity.
 
 Table 7 / Figure 2-left of the paper: at one compute per time step, test perplexity falls as the
 experts grow, while computationally matched dense baselines stay put. That holds where the data
@@ -279,15 +279,7 @@ def tools_cpu_name():
 
 def curves(log_path):
     """(updates, training perplexity) per log interval, (updates, validation perplexity) per epoch."""
-    train, valid = [], []
-    with open(log_path) as f:
-        for line in f:
-            m = re.search(r"train_inner \|.* ppl=([\d.]+),.*num_updates=(\d+)", line)
-            if m:
-                train.append((int(m.group(2)), float(m.group(1))))
-            m = re.search(r"valid on 'valid' subset \|.* ppl ([\d.]+) \|.* num_updates (\d+)", line)
-            if m:
-                valid.append((int(m.group(2)), float(m.group(1))))
+    train, valid = tools.learning_curves(log_path)
     return {"train": train, "valid": valid}
 
 

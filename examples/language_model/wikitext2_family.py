@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""WikiText-2 at CPU scale: the shape of the paper's Table 7 and the Table 6 ablation (issue 15).
+"""WikiText-2 at CPU scale: the shape of the paper's Table 7 and the Table 6 ablation.
 
 At one active compute budget (the demo's width 256: embedding 256 → LSTM → [layer] → LSTM →
 adaptive softmax, residual + dropout 0.1, 2048 tokens a batch), each model trains for the same
@@ -129,16 +129,7 @@ def train_and_evaluate(model, seed, epochs):
 
 def curves(log_path):
     """(tokens, training perplexity) every log interval and (tokens, validation perplexity)."""
-    train, valid = [], []
-    with open(log_path) as f:
-        for line in f:
-            m = re.search(r"train_inner \|.* ppl=([\d.]+),.*num_updates=(\d+)", line)
-            if m:
-                train.append((int(m.group(2)) * 2048, float(m.group(1))))
-            m = re.search(r"valid on 'valid' subset \|.* ppl ([\d.]+) \|.* num_updates (\d+)", line)
-            if m:
-                valid.append((int(m.group(2)) * 2048, float(m.group(1))))
-    return train, valid
+    return tools.learning_curves(log_path, per_update=2048)
 
 
 def report(results):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Multi30k En→De to convergence on CPU: the LSTM-MoE model against its no-MoE twin (issue 15).
+"""Multi30k En→De to convergence on CPU: the LSTM-MoE model against its no-MoE twin.
 
 Both models are the lstm_moe_nmt layout at CPU size: 256-dim shared embeddings, a bidirectional
 first encoder layer, 3 encoder and 2 decoder residual LSTMs of 256 units, separable attention,
