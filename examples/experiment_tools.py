@@ -116,3 +116,18 @@ def learning_curves(log_path: str, per_update: int = 1):
             if m:
                 valid.append((int(m.group(2)) * per_update, float(m.group(1))))
     return train, valid
+
+
+def eval_lm_result(log_path: str):
+    """(perplexity, tokens evaluated) of a fairseq-eval-lm log."""
+    with open(log_path) as f:
+        text = f.read()
+    perplexity = float(re.findall(r"Perplexity: ([\d.]+)", text)[-1])
+    tokens = int(re.findall(r"Evaluated ([\d,]+) tokens", text)[-1].replace(",", ""))
+    return perplexity, tokens
+
+
+def last_train_stats(log: str) -> dict:
+    """{name: value as text} of the last end-of-epoch 'train' line of a fairseq-train log."""
+    last_train = re.findall(r"\| train \| epoch (\d+) \| (.*)", log)[-1][1]
+    return dict(re.findall(r"(\w+) ([-\d.e+]+)(?: \||$)", last_train))

@@ -191,14 +191,10 @@ def train_and_evaluate(model, width, seed, epochs):
                           "--path", os.path.join(work, "checkpoints", "checkpoint_best.pt"),
                           "--gen-subset", split, "--tokens-per-sample", str(TOKENS_PER_SAMPLE),
                           "--max-tokens", "16384", "--cpu"], log, ROOT, mode="w")
-        with open(log) as f:
-            text = f.read()
-        ppl[split] = float(re.findall(r"Perplexity: ([\d.]+)", text)[-1])
-        ppl[split + "_tokens"] = int(re.findall(r"Evaluated ([\d,]+) tokens", text)[-1].replace(",", ""))
+        ppl[split], ppl[split + "_tokens"] = tools.eval_lm_result(log)
     with open(train_log) as f:
         log_text = f.read()
-    last_train = re.findall(r"\| train \| epoch (\d+) \| (.*)", log_text)[-1][1]
-    stats = dict(re.findall(r"(\w+) ([-\d.e+]+)(?: \||$)", last_train))
+    stats = tools.last_train_stats(log_text)
     updates = int(float(stats.get("num_updates", 0)))
     wps = [float(w) for w in re.findall(r"train_inner \|.* wps=([\d.]+)", log_text)]
     costs = model_costs(model, width)

@@ -29,7 +29,6 @@ runs go side by side (--jobs), one thread each.
 import argparse
 import concurrent.futures
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -103,14 +102,10 @@ def train_and_evaluate(model, seed, epochs):
                     "--path", os.path.join(work, "checkpoints", "checkpoint_best.pt"),
                     "--gen-subset", split, "--tokens-per-sample", "64", "--max-tokens", "8192",
                     "--cpu"], log)
-        with open(log) as f:
-            text = f.read()
-        ppl[split] = float(re.findall(r"Perplexity: ([\d.]+)", text)[-1])
-        ppl[split + "_tokens"] = int(re.findall(r"Evaluated ([\d,]+) tokens", text)[-1].replace(",", ""))
+        ppl[split], ppl[split + "_tokens"] = tools.eval_lm_result(log)
     with open(train_log) as f:
         log_text = f.read()
-    last_train = re.findall(r"\| train \| epoch (\d+) \| (.*)", log_text)[-1][1]
-    stats = dict(re.findall(r"(\w+) ([-\d.e+]+)(?: \||$)", last_train))
+    stats = tools.last_train_stats(log_text)
     result = {"model": model, "seed": seed, "valid_ppl": ppl["valid"], "test_ppl": ppl["test"],
               "valid_tokens": ppl["valid_tokens"], "test_tokens": ppl["test_tokens"],
               "tokens": int(float(stats.get("num_updates", 0))) * 2048,
